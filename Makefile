@@ -1,0 +1,40 @@
+# Two commands for a newcomer: `make test` and `make demo`.
+# Both create a virtual environment (.venv) unless one is already active, install torch==2.13.0 when torch is
+# missing (the CPU wheel), and install this package with the extras they need.
+
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+  VENV := $(VIRTUAL_ENV)
+else
+  VENV := .venv
+endif
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: test demo install lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+demo: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[viz]"
+	$(VENV)/bin/allspark-seg demo --out runs/demo
+
+bench: install
+	$(PY) bench/run.py --out bench/results
+
+clean:
+	rm -rf .venv build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+"""allspark-seg: semi-supervised semantic segmentation with AllSpark (CVPR 2024)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
