@@ -30,6 +30,8 @@ class MissingExtraError(AllSparkError, ImportError):
     """An optional dependency (an ``allspark-seg[extra]``) is needed but not installed."""
 
     def __init__(self, package: str, extra: str, purpose: str) -> None:
-        super().__init__(f"{purpose} needs the '{package}' package: install it with pip install 'allspark-seg[{extra}]'.")
+        super().__init__(
+            f"{purpose} needs the '{package}' package: install it with pip install 'allspark-seg[{extra}]'."
+        )
         self.package = package
         self.extra = extra
