@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from allspark_seg.errors import ConfigError
+from allspark_seg.models import build_model
 from allspark_seg.optim import build_optimizer, lr_for_step, param_groups, poly_lr, set_lr
 
 
@@ -103,3 +104,13 @@ def test_build_optimizer_sgd_and_adamw() -> None:
         build_optimizer("adam", Toy().parameters(), lr=0.01)
     with pytest.raises(ConfigError, match="momentum"):
         build_optimizer("sgd", Toy().parameters(), lr=0.01, momentum=1.0)
+
+
+def test_param_groups_on_the_segmentor() -> None:
+    encoder = {"embed_dims": (8, 16, 32, 64), "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
+    model = build_model("mit_b0", num_classes=5, crop_size=32, encoder_options=encoder, head_dim=32)
+    enc, rest = param_groups(model, 6e-5, 40.0)
+    assert {id(p) for p in enc["params"]} == {id(p) for p in model.encoder.parameters()}
+    others = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+    assert {id(p) for p in rest["params"]} == {id(p) for p in others}
+    assert len(others) > 0
