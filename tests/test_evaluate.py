@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -234,3 +238,25 @@ def test_slide_equals_whole_on_a_tiny_segmentor() -> None:
         whole = whole_inference(model, image, 5)
         torch.testing.assert_close(slide_inference(model, image, 5, 64, 40), whole)
         assert infer(model, image, 5, "slide", 32, 21).shape == (1, 5, 40, 56)
+
+
+def _evaluate_worker(rank: int, store_path: str, result_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        model = nn.parallel.DistributedDataParallel(Oracle())
+        shard = LOADER[rank::2] if rank == 0 else LOADER[rank::2] + LOADER[:1]  # uneven shards: 1 and 2 images
+        result = evaluate(model, shard, K)
+        torch.save({"confusion": result.metrics.confusion, "num_images": result.num_images}, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_evaluate_reduces_over_two_gloo_processes(tmp_path: os.PathLike) -> None:
+    mp.spawn(_evaluate_worker, args=(str(tmp_path / "store"), str(tmp_path / "res")), nprocs=2, join=True)
+    first = evaluate(Oracle(), LOADER[:1], K).metrics.confusion
+    expected = torch.tensor([[3, 1, 0], [0, 3, 0], [1, 1, 2]]) + first
+    for rank in range(2):
+        got = torch.load(tmp_path / f"res.{rank}", weights_only=True)
+        assert torch.equal(got["confusion"], expected)
+        assert got["num_images"] == 3

@@ -252,7 +252,8 @@ def evaluate(
     process must call this with its own shard of the validation set; the returned metrics are global.
 
     Args:
-        model: segmentor (unwrapped or DDP-wrapped).
+        model: segmentor; a ``DistributedDataParallel`` wrapper is looked through (its forward would run
+            collectives per image).
         loader: yields dicts with ``image (B, 3, H, W)`` float and ``mask (B, H, W)`` integer (255 = ignore);
             B is usually 1, larger batches need images of the same size.
         num_classes: K.
@@ -271,6 +272,9 @@ def evaluate(
     _check_mode(mode, window, stride, scales)
     if mode == "slide":
         sliding_windows(1, 1, window, stride)  # validate window and stride before the first batch
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # Its forward may broadcast buffers (a collective per image), which hangs on uneven validation shards.
+        model = model.module
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
