@@ -1,0 +1,345 @@
+"""The built-in synthetic segmentation dataset: shapes on textured backgrounds, generated from a seed.
+
+Each image shows a few objects whose class is carried by their SHAPE (disc, square, triangle, ring, cross, star,
+hexagon, ellipse, crescent); every object's colour and fill (solid, gradient or stripes) is drawn from the same
+distribution whatever its class, so colour carries no information. Objects have random size, position and rotation
+and may occlude each other; backgrounds are noise, stripes, gradients or checkerboards. Masks are exact (the image is
+painted with the same pixel sets as the mask), and class 0 is the background.
+
+The dataset is written in the folder layout (see :mod:`allspark_seg.data.datasets`), plus the ground truth of the
+unlabeled images in ``ROOT/unlabeled_masks/`` (for diagnostics such as pseudo-label accuracy only) and a
+``manifest.json``; an existing dataset with the same manifest is reused. Sample ``i`` of each subset depends only on
+``(seed, subset, i)``, so changing one size does not change the other images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from allspark_seg.errors import ConfigError, DataError
+
+__all__ = ["SHAPES", "SYNTHETIC_VERSION", "class_names", "generate_synthetic", "render_sample"]
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the rendering changes, so that stale datasets are regenerated.
+SYNTHETIC_VERSION = 1
+
+#: Foreground shapes; class k (k >= 1) is ``SHAPES[k - 1]``.
+SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", "star", "hexagon", "ellipse", "crescent")
+
+_SUBSETS = {"labeled": 0, "unlabeled": 1, "val": 2}
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """``("background", SHAPES[0], ...)`` for ``num_classes`` classes."""
+    _check_classes(num_classes)
+    return ("background",) + SHAPES[: num_classes - 1]
+
+
+def _check_classes(num_classes: int) -> None:
+    if not 2 <= num_classes <= len(SHAPES) + 1:
+        raise ConfigError(f"The synthetic dataset supports 2 to {len(SHAPES) + 1} classes, got {num_classes}.")
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def _polygon(vertices: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Even-odd point-in-polygon test of the points (u, v) against ``(n, 2)`` vertices."""
+    inside = np.zeros(u.shape, dtype=bool)
+    x0, y0 = vertices[-1]
+    for x1, y1 in vertices:
+        crosses = (y0 > v) != (y1 > v)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = x0 + (v - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (u < x_at)
+        x0, y0 = x1, y1
+    return inside
+
+
+def _regular(n: int, radius: float = 1.0, start: float = -np.pi / 2) -> np.ndarray:
+    angles = start + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+
+
+def _star() -> np.ndarray:
+    outer, inner = _regular(5, 1.0), _regular(5, 0.42, -np.pi / 2 + np.pi / 5)
+    return np.stack([outer, inner], axis=1).reshape(10, 2)
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pixels inside a unit-size shape, in rotated coordinates normalised by the object radius."""
+    rho2 = u * u + v * v
+    if shape == "disc":
+        return rho2 <= 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "triangle":
+        return _polygon(_regular(3), u, v)
+    if shape == "ring":
+        return (rho2 <= 1.0) & (rho2 >= 0.55**2)
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    if shape == "star":
+        return _polygon(_star(), u, v)
+    if shape == "hexagon":
+        return _polygon(_regular(6, 0.95), u, v)
+    if shape == "ellipse":
+        return u * u + (v / 0.45) ** 2 <= 1.0
+    if shape == "crescent":
+        return (rho2 <= 1.0) & ((u - 0.45) ** 2 + v * v > 0.8**2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+# ------------------------------------------------------------------------------------------------ fills
+
+
+def _random_color(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0, 255, size=3)
+
+
+def _pattern(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, kind: str, scale: float) -> np.ndarray:
+    """A [0, 1] blending field over the pixel grid (ys, xs) of the given kind."""
+    angle = rng.uniform(0, 2 * np.pi)
+    proj = xs * np.cos(angle) + ys * np.sin(angle)
+    if kind == "gradient":
+        span = max(float(proj.max() - proj.min()), 1e-6)
+        return (proj - proj.min()) / span
+    if kind == "stripes":
+        period = rng.uniform(0.08, 0.3) * scale
+        return 0.5 + 0.5 * np.sin(2 * np.pi * proj / period + rng.uniform(0, 2 * np.pi))
+    if kind == "checker":
+        cell = max(2, int(rng.uniform(0.06, 0.2) * scale))
+        return (((ys.astype(np.int64) // cell) + (xs.astype(np.int64) // cell)) % 2).astype(np.float64)
+    if kind == "noise":
+        cells = int(rng.integers(3, 10))
+        coarse = (rng.uniform(0, 255, size=(cells, cells))).astype(np.uint8)
+        h, w = ys.shape
+        field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
+        return field / 255.0
+    return np.zeros(ys.shape)
+
+
+def _fill(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, kinds: tuple[str, ...], scale: float) -> np.ndarray:
+    """An ``(h, w, 3)`` float colour field blending two random colours with a random pattern."""
+    kind = kinds[int(rng.integers(len(kinds)))]
+    a, b = _random_color(rng), _random_color(rng)
+    t = _pattern(rng, ys, xs, kind, scale)[..., None]
+    return a * (1 - t) + b * t
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+def render_sample(
+    rng: np.random.Generator, image_size: int | tuple[int, int] = 96, num_classes: int = 6, max_objects: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image and its exact mask.
+
+    Args:
+        rng: random generator (the sample's only source of randomness).
+        image_size: int or ``(h, w)``.
+        num_classes: K, background included (2..10).
+        max_objects: at most this many objects (at least 2 are drawn when possible).
+
+    Returns:
+        ``(H, W, 3)`` uint8 image and ``(H, W)`` uint8 mask of class ids in [0, K).
+    """
+    _check_classes(num_classes)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    scale = float(min(h, w))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    image = _fill(rng, ys, xs, ("gradient", "stripes", "checker", "noise"), scale)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    count = int(rng.integers(min(2, max_objects), max_objects + 1))
+    for _ in range(count):
+        cls = int(rng.integers(1, num_classes))
+        radius = rng.uniform(0.09, 0.24) * scale
+        cy, cx = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
+        theta = rng.uniform(0, 2 * np.pi)
+        extent = 1.2 * radius  # every shape fits in a disc of radius 1.2 (the square's corners reach 1.13)
+        y0, y1 = max(0, int(cy - extent) - 1), min(h, int(cy + extent) + 2)
+        x0, x1 = max(0, int(cx - extent) - 1), min(w, int(cx + extent) + 2)
+        dy, dx = ys[y0:y1, x0:x1] - cy, xs[y0:y1, x0:x1] - cx
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / radius
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / radius
+        inside = _shape_mask(SHAPES[cls - 1], u, v)
+        colour = _fill(rng, ys[y0:y1, x0:x1], xs[y0:y1, x0:x1], ("solid", "gradient", "stripes"), radius * 2)
+        background = image[y0:y1, x0:x1][inside].mean(axis=0) if inside.any() else None
+        if background is not None and np.linalg.norm(colour.mean(axis=(0, 1)) - background) < 60:
+            colour = 255.0 - colour  # keep objects visible against what they cover
+        region = image[y0:y1, x0:x1]
+        region[inside] = colour[inside]
+        mask[y0:y1, x0:x1][inside] = cls
+    image += rng.normal(0.0, 6.0, size=image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+
+
+# -------------------------------------------------------------------------------------------------- disk
+
+
+def _manifest(**fields: Any) -> dict[str, Any]:
+    return {"format": "allspark-seg synthetic", "version": SYNTHETIC_VERSION, **fields}
+
+
+def _count(folder: Path) -> int:
+    return len(os.listdir(folder)) if folder.is_dir() else -1
+
+
+def _is_current(root: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if existing != manifest:
+        return False
+    expected = {
+        root / "labeled" / "images": manifest["num_labeled"],
+        root / "labeled" / "masks": manifest["num_labeled"],
+        root / "unlabeled": manifest["num_unlabeled"],
+        root / "val" / "images": manifest["num_val"],
+        root / "val" / "masks": manifest["num_val"],
+    }
+    if manifest["unlabeled_masks"]:
+        expected[root / "unlabeled_masks"] = manifest["num_unlabeled"]
+    return all(_count(folder) == n for folder, n in expected.items())
+
+
+def _write_subset(
+    subset: str,
+    count: int,
+    *,
+    seed: int,
+    image_size: int,
+    num_classes: int,
+    max_objects: int,
+    image_dir: Path,
+    mask_dir: Path | None,
+) -> None:
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if mask_dir is not None:
+        mask_dir.mkdir(parents=True, exist_ok=True)
+    prefix = {"labeled": "l", "unlabeled": "u", "val": "v"}[subset]
+
+    def write(i: int) -> None:
+        rng = np.random.default_rng([seed, _SUBSETS[subset], i])
+        image, mask = render_sample(rng, image_size, num_classes, max_objects)
+        name = f"{prefix}{i:05d}.png"
+        Image.fromarray(image).save(image_dir / name, compress_level=1)
+        if mask_dir is not None:
+            Image.fromarray(mask).save(mask_dir / name, compress_level=1)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(write, range(count)))
+
+
+def generate_synthetic(
+    root: str | Path,
+    *,
+    seed: int = 0,
+    num_labeled: int = 20,
+    num_unlabeled: int = 800,
+    num_val: int = 200,
+    image_size: int = 96,
+    num_classes: int = 6,
+    unlabeled_masks: bool = True,
+    max_objects: int = 5,
+) -> Path:
+    """Write (or reuse) the synthetic dataset in the folder layout.
+
+    Args:
+        root: target folder; must be empty, absent, or a synthetic dataset written earlier.
+        seed: non-negative seed.
+        num_labeled: labeled images (``ROOT/labeled``).
+        num_unlabeled: unlabeled images (``ROOT/unlabeled``; masks in ``ROOT/unlabeled_masks`` if asked).
+        num_val: validation images (``ROOT/val``).
+        image_size: side of the square images in pixels.
+        num_classes: K including the background (2..10).
+        unlabeled_masks: also write the ground truth of the unlabeled images (diagnostics only).
+        max_objects: most objects per image.
+
+    Returns:
+        The dataset root.
+
+    Raises:
+        DataError: ``root`` holds other files.
+        ConfigError: bad sizes.
+    """
+    _check_classes(num_classes)
+    if seed < 0 or min(num_labeled, num_unlabeled, num_val) < 1 or image_size < 8 or max_objects < 1:
+        raise ConfigError(
+            "The synthetic dataset needs seed >= 0, at least one image per subset, image_size >= 8 and "
+            f"max_objects >= 1; got seed={seed}, sizes=({num_labeled}, {num_unlabeled}, {num_val}), "
+            f"image_size={image_size}, max_objects={max_objects}."
+        )
+    root = Path(root)
+    sizes = {"num_labeled": num_labeled, "num_unlabeled": num_unlabeled, "num_val": num_val}
+    manifest = _manifest(
+        seed=seed,
+        **sizes,
+        image_size=image_size,
+        num_classes=num_classes,
+        unlabeled_masks=unlabeled_masks,
+        max_objects=max_objects,
+    )
+    if _is_current(root, manifest):
+        log.info("reusing the synthetic dataset in %s", root)
+        return root
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "manifest.json").is_file())):
+        raise DataError(f"{root} exists and is not a synthetic dataset; choose an empty or new folder.")
+    start = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        common = {"seed": seed, "image_size": image_size, "num_classes": num_classes, "max_objects": max_objects}
+        _write_subset(
+            "labeled",
+            num_labeled,
+            **common,
+            image_dir=tmp / "labeled" / "images",
+            mask_dir=tmp / "labeled" / "masks",
+        )
+        _write_subset(
+            "unlabeled",
+            num_unlabeled,
+            **common,
+            image_dir=tmp / "unlabeled",
+            mask_dir=tmp / "unlabeled_masks" if unlabeled_masks else None,
+        )
+        _write_subset("val", num_val, **common, image_dir=tmp / "val" / "images", mask_dir=tmp / "val" / "masks")
+        (tmp / "classes.txt").write_text("\n".join(class_names(num_classes)) + "\n", encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, old / "data")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_current(root, manifest):  # another process wrote the same dataset first
+            return root
+        raise
+    log.info(
+        "wrote the synthetic dataset (%d labeled, %d unlabeled, %d val, %d px, %d classes) to %s in %.1f s",
+        num_labeled,
+        num_unlabeled,
+        num_val,
+        image_size,
+        num_classes,
+        root,
+        time.perf_counter() - start,
+    )
+    return root
