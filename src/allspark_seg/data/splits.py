@@ -74,17 +74,14 @@ def _has_image_ext(path: str) -> bool:
 def parse_split_line(line: str) -> tuple[str, str | None] | None:
     """Split one line into ``(image, mask or None)``; None for a blank line.
 
-    A line with one space is ``image mask``. With several spaces (paths containing spaces), the first split where
-    both halves end in an image extension is used; otherwise the whole line is one image path.
+    The line is split at the first space where both halves end in an image extension (``image mask``, also with
+    paths containing spaces); a line without such a space is one image path.
     """
     line = line.strip().replace("\\", "/")
     if not line:
         return None
-    parts = line.split()
-    if len(parts) == 1:
+    if len(line.split()) == 1:
         return line, None
-    if len(parts) == 2:
-        return parts[0], parts[1]
     for i, char in enumerate(line):
         if char == " ":
             left, right = line[:i].strip(), line[i + 1 :].strip()

@@ -399,7 +399,7 @@ def apply_pipeline(
 
     padding = np.zeros(image.shape[:2], dtype=np.uint8)
     masks: Masks = (padding,) if mask is None else (padding, mask)
-    image, masks = _geometric(image, masks, (1, ignore_index), crop_size, rng)
+    image, masks = _geometric(image, masks, (1, ignore_index)[: len(masks)], crop_size, rng)
     out: dict[str, torch.Tensor] = {"image": normalize(image)}
     if pipeline == "unimatch":
         hw = image.shape[:2]
