@@ -266,6 +266,9 @@ def build_train_loader(
         pin_memory=pin_memory,
         worker_init_fn=worker_init_fn(seed, rank) if num_workers > 0 else None,
         persistent_workers=False,
+        # A private generator: creating an iterator must not consume the global torch RNG (dropout), or a resumed
+        # run, which creates its iterators at other steps, would diverge from an uninterrupted one.
+        generator=torch.Generator(),
     )
 
 
