@@ -90,11 +90,12 @@ class SemanticMemory(nn.Module):
         num_classes: K.
         length: Slots per class L (the official code fixes L = C).
         grid: ``(h, w)`` of the stage-4 map; a slot holds ``N = h * w`` values.
-        init: ``randn`` (official: random slots that act as keys until overwritten) or ``zeros`` with every slot
-            marked empty until written; empty classes are then masked out of the attention.
+        init: ``randn`` (official: random slots that act as keys until overwritten) or ``zeros``, where classes
+            without any written slot are masked out of the attention.
 
     Buffers:
-        bank: ``(K, L, N)`` float; ptr: ``(K,)`` int64; filled: ``(K, L)`` bool.
+        bank: ``(K, L, N)`` float; ptr: ``(K,)`` int64; filled: ``(K, L)`` bool, True for slots written at least
+        once (a diagnostic for both inits, and the empty-class mask for ``zeros``).
     """
 
     def __init__(self, num_classes: int, length: int, grid: tuple[int, int], init: MemoryInit = "randn") -> None:
@@ -109,7 +110,7 @@ class SemanticMemory(nn.Module):
         bank = torch.randn(num_classes, length, n) if init == "randn" else torch.zeros(num_classes, length, n)
         self.register_buffer("bank", bank)
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
-        self.register_buffer("filled", torch.full((num_classes, length), init == "randn", dtype=torch.bool))
+        self.register_buffer("filled", torch.zeros(num_classes, length, dtype=torch.bool))
 
     @torch.no_grad()
     def enqueue(self, maps: torch.Tensor, classes: torch.Tensor) -> None:
@@ -125,8 +126,12 @@ class SemanticMemory(nn.Module):
         self.ptr.copy_(new_ptr)
 
     def class_mask(self) -> torch.Tensor:
-        """``(K,)`` bool: classes with at least one written (or randomly initialised) slot."""
+        """``(K,)`` bool: classes with at least one written slot."""
         return self.filled.any(dim=1)
+
+    def fill(self) -> torch.Tensor:
+        """``(K,)`` fraction of each class's slots written at least once."""
+        return self.filled.float().mean(dim=1)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, length={self.length}, grid={self.grid}, init={self.init}"

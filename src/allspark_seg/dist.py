@@ -1,0 +1,178 @@
+"""Processes and devices: the torchrun environment, the process group, synchronised BatchNorm.
+
+One code path serves one process and many: without ``torchrun`` the world size is 1 and no process group exists.
+Only this module and the CLI read environment variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["DistEnv", "DistBatchNorm2d", "convert_sync_batchnorm", "destroy", "init_distributed", "unwrap"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs.
+
+    Attributes:
+        rank: Global rank.
+        local_rank: Rank on this machine.
+        world_size: Number of processes.
+        device: The device this process computes on.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one process is in use."""
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"Environment variable {name}={value!r} is not an integer.") from None
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` -> the device of this process."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available: use train.device=cpu or auto.")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read the torchrun environment and start the process group when there are several processes.
+
+    The backend is NCCL on CUDA and gloo on the CPU. Calling it when a group already exists reuses it.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        log.info("process group: rank %d of %d on %s (%s)", rank, world, dev, dist.get_backend())
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def destroy() -> None:
+    """Tear the process group down (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """BatchNorm over the batches of all processes: statistics and their gradients are all-reduced (any backend)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        momentum: float,
+    ) -> torch.Tensor:
+        channels = x.shape[1]
+        dims = [0, *range(2, x.ndim)]
+        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dims), x.square().sum(dims), count])
+        dist.all_reduce(stats)
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var * total / (total - 1).clamp_min(1), alpha=momentum)
+        shape = (1, channels) + (1,) * (x.ndim - 2)
+        invstd = torch.rsqrt(var + eps)
+        xhat = (x - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd, total)
+        return xhat * weight.view(shape) + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xhat, weight, invstd, total = ctx.saved_tensors
+        channels = xhat.shape[1]
+        dims = [0, *range(2, xhat.ndim)]
+        shape = (1, channels) + (1,) * (xhat.ndim - 2)
+        local = torch.cat([dy.sum(dims), (dy * xhat).sum(dims)])
+        grad_bias, grad_weight = local[:channels].clone(), local[channels:].clone()
+        dist.all_reduce(local)
+        mean_dy = (local[:channels] / total).view(shape)
+        mean_dy_xhat = (local[channels:] / total).view(shape)
+        dx = (dy - mean_dy - xhat * mean_dy_xhat) * (weight * invstd).view(shape)
+        return dx, grad_weight, grad_bias, None, None, None, None
+
+
+class DistBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batches of every process, on any backend (gloo too).
+
+    PyTorch's ``nn.SyncBatchNorm`` runs on CUDA only; this one lets CPU multi-process training normalise over the
+    global batch, so it matches one process with the same global batch. In eval mode, or without a process group,
+    it is a plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        assert self.affine and self.track_running_stats and self.momentum is not None
+        self.num_batches_tracked.add_(1)
+        return _SyncBatchNormFunction.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum
+        )
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Synchronise every BatchNorm across processes: ``nn.SyncBatchNorm`` on CUDA, :class:`DistBatchNorm2d` else."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, DistBatchNorm2d):
+            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new.to(child.weight.device))
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

@@ -1,0 +1,486 @@
+"""The training loop: one code path for one process and for ``torchrun`` (DDP).
+
+``fit(cfg, out_dir)`` builds the data, the model and the optimiser, resumes from ``OUT/last.pt`` when present,
+trains for ``train.iterations`` (or epochs) with the method's step, logs to ``OUT/metrics.jsonl``, evaluates,
+and writes ``last.pt`` (every ``checkpoint_every`` iterations and at the end) and ``best.pt`` (on validation
+improvement). Resuming continues exactly: data order and augmentation depend only on (seed, epoch, index), and
+every generator state is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import RunConfig, dump_config, model_kwargs
+from ..data import build_train_loader, build_val_loader, steps_per_epoch
+from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
+from ..errors import AllSparkError, CheckpointError
+from ..losses import build_loss
+from ..metrics import SegMetrics
+from ..models import AllSparkSegmentor, build_model
+from ..optim import build_optimizer, param_groups, set_lr
+from ..utils.progress import Progress
+from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_checkpoint, restore_rng
+from .data import DataBundle, prepare_data
+from .diagnostics import memory_diversity, pseudo_label_stats
+from .evaluate import evaluate
+from .recipes import RECIPES, StepContext, StepOutput, ema_update, make_ema
+
+__all__ = ["FitResult", "TrainingDiverged", "build_model_from_config", "fit", "training_plan"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(AllSparkError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class FitResult:
+    """What a finished run produced.
+
+    Attributes:
+        out_dir: The run folder.
+        step: Iterations done.
+        best_miou: Best validation mIoU (fraction) and the step it was reached at.
+        final: Metrics of the last evaluation.
+        history: Every record written to ``metrics.jsonl``.
+        seconds: Training wall time of this call.
+    """
+
+    out_dir: Path
+    step: int
+    best_miou: float
+    best_step: int
+    final: SegMetrics | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Iteration counts derived from the config and the dataset sizes."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    eval_every: int
+
+
+def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> TrainingPlan:
+    """Steps per epoch, total iterations, memory warm-up and evaluation cadence.
+
+    Args:
+        cfg: Resolved config.
+        num_samples: Length of the epoch-defining set (unlabeled, or labeled for ``supervised``).
+        world_size: Processes.
+    """
+    t = cfg.train
+    per_step = t.unlabeled_batch_size if cfg.method != "supervised" else t.batch_size
+    spe = steps_per_epoch(num_samples, world_size * t.grad_accum * per_step)
+    total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * spe))
+    s = cfg.semi
+    if s.warmup_iterations is not None:
+        warmup = s.warmup_iterations
+    elif s.warmup_epochs is not None:
+        warmup = math.ceil(s.warmup_epochs * spe)
+    else:
+        warmup = math.ceil(total / 16)
+    eval_every = t.eval_every if t.eval_every is not None else max(spe, math.ceil(total / 10))
+    return TrainingPlan(spe, total, warmup, eval_every)
+
+
+def build_model_from_config(cfg: RunConfig) -> AllSparkSegmentor:
+    """The model a resolved config describes (weights from ``model.pretrained`` when set)."""
+    encoder: Any = cfg.model.encoder
+    if encoder.startswith("hf:"):
+        from ..models.hf import build_hf_encoder
+
+        encoder = build_hf_encoder(encoder[3:], pretrained=bool(cfg.model.pretrained))
+    return build_model(encoder, **model_kwargs(cfg))
+
+
+def _autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model or method."""
+    old = saved.get("config")
+    if not isinstance(old, dict):
+        raise CheckpointError(f"Checkpoint '{path}' has no run config: it was not written by allspark-seg train.")
+    new = cfg.to_dict()
+    for section in ("method", "model"):
+        if old.get(section) != new.get(section):
+            raise CheckpointError(
+                f"Checkpoint '{path}' was written with a different '{section}' config; use another --out folder "
+                "or the same config to resume."
+            )
+    if old["data"].get("num_classes") != new["data"]["num_classes"]:
+        raise CheckpointError(
+            f"Checkpoint '{path}' has {old['data'].get('num_classes')} classes but the data has "
+            f"{new['data']['num_classes']}."
+        )
+
+
+class _Writer:
+    """``metrics.jsonl`` (and TensorBoard when installed and asked) on the main process."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from ..errors import MissingExtraError
+
+                raise MissingExtraError("tensorboard", "tb", "train.tensorboard") from None
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and value == value:
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _to_python(value: torch.Tensor) -> float | list[float | None]:
+    value = value.detach().float().cpu()
+    if value.ndim == 0:
+        return float(value)
+    return [None if v != v else round(float(v), 6) for v in value.tolist()]
+
+
+class Trainer:
+    """State and steps of one run (built by :func:`fit`)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, env: DistEnv, resume: str | Path | None) -> None:
+        self.env = env
+        self.out_dir = out_dir
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.bundle: DataBundle = prepare_data(cfg, out_dir, rank=env.rank)
+        self.cfg = cfg = self.bundle.cfg
+        semi = cfg.method != "supervised"
+        epoch_set = self.bundle.unlabeled if semi else self.bundle.labeled
+        self.plan = training_plan(cfg, len(epoch_set), env.world_size)
+        self.model = build_model_from_config(cfg).to(env.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if env.distributed:
+            self.model = convert_sync_batchnorm(self.model, env.device)
+        self.ema = make_ema(self.model) if cfg.semi.ema else None
+        groups = param_groups(self.model, cfg.train.lr, cfg.train.lr_multi)
+        t = cfg.train
+        self.optimizer = build_optimizer(t.optimizer, groups, t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+        self.step, self.best_miou, self.best_step = 0, -1.0, -1
+        self._resume(resume)
+        net: nn.Module = self.model
+        if env.distributed:
+            memory = cfg.model.allspark.memory_length
+            net = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=cfg.model.allspark.memory_sync == "rank0",
+                find_unused_parameters=memory is not None,
+            )
+        if t.compile:
+            net = torch.compile(net)
+        self.net = net
+        criterion = build_loss(t.loss, thresh=t.ohem_thresh, min_kept=t.ohem_min_kept)
+        self.ctx = StepContext(
+            cfg=cfg,
+            net=net,
+            teacher=self.ema,
+            criterion_l=criterion,
+            device=env.device,
+            autocast=_autocast_factory(t.precision, env.device),
+            channels_last=t.channels_last,
+        )
+        self.recipe = RECIPES[cfg.method]
+        self.writer = _Writer(out_dir, env.is_main, tensorboard=t.tensorboard)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _resume(self, resume: str | Path | None) -> None:
+        path = Path(resume) if resume else find_resume(self.out_dir)
+        if path is None:
+            return
+        saved = load_checkpoint(path, map_location=self.env.device)
+        _check_resumable(saved, self.cfg, path)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.load_state_dict(saved["ema"])
+        if saved.get("scaler") is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        restore_rng(saved["rng"])
+        self.step = int(saved["step"])
+        self.best_miou, self.best_step = float(saved["best_miou"]), int(saved["best_step"])
+        log.info("resumed from %s at iteration %d", path, self.step)
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint dict (tensors and primitives only)."""
+        return {
+            "version": __version__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": capture_rng(),
+            "step": self.step,
+            "epoch": self.step // self.plan.steps_per_epoch,
+            "best_miou": self.best_miou,
+            "best_step": self.best_step,
+            "config": self.cfg.to_dict(),
+            "class_names": list(self.bundle.class_names),
+            "palette": torch.as_tensor(self.bundle.palette),
+        }
+
+    def save(self, name: str) -> None:
+        if self.env.is_main:
+            atomic_save(self.state(), self.out_dir / name)
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Any, batch_size: int, epoch: int, start: int, stream: int) -> Any:
+        t = self.cfg.train
+        return build_train_loader(
+            dataset,
+            batch_size,
+            seed=t.seed,
+            epoch=epoch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            grad_accum=t.grad_accum,
+            start_step=start,
+            steps=self.plan.steps_per_epoch,
+            stream=stream,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.env.device.type == "cuda",
+        )
+
+    def _epoch_iterators(self, epoch: int, start: int) -> tuple[Any, Any]:
+        t = self.cfg.train
+        it_l = iter(self._loader(self.bundle.labeled, t.batch_size, epoch, start, stream=1))
+        it_u = None
+        if self.bundle.unlabeled is not None and self.cfg.method != "supervised":
+            it_u = iter(self._loader(self.bundle.unlabeled, t.unlabeled_batch_size, epoch, start, stream=0))
+        return it_l, it_u
+
+    # -- one optimiser step ---------------------------------------------------------------------------------------
+    def train_step(self, it_l: Any, it_u: Any) -> StepOutput:
+        cfg, t = self.cfg, self.cfg.train
+        set_lr(self.optimizer, self.step, self.plan.total, t.lr, t.poly_power)
+        self.optimizer.zero_grad(set_to_none=True)
+        use_memory = self.step >= self.plan.warmup
+        out: StepOutput | None = None
+        for k in range(t.grad_accum):
+            batch_l = next(it_l)
+            batch_u = next(it_u) if it_u is not None else None
+            sync = k == t.grad_accum - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                out = self.recipe(self.ctx, batch_l, batch_u, use_memory=use_memory)
+                self.scaler.scale(out.loss / t.grad_accum).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            ema_update(self.ema, self.model, cfg.semi.ema_decay, self.step)
+        self.step += 1
+        assert out is not None
+        return out
+
+    # -- logging --------------------------------------------------------------------------------------------------
+    def log_record(self, sums: dict[str, torch.Tensor], count: int, out: StepOutput, seconds: float) -> dict:
+        record: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.plan.steps_per_epoch}
+        record.update({k: _to_python(v / count) for k, v in sums.items()})
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["sec_per_iter"] = seconds / count
+        if out.pseudo is not None and out.confidence is not None:
+            stats = pseudo_label_stats(out.pseudo, out.confidence, self.cfg.data.num_classes, out.target_u)
+            record.update({k: _to_python(v) for k, v in stats.items()})
+            if "loss_u" in sums:
+                record["loss_ratio"] = _to_python(sums["loss_x"] / sums["loss_u"].clamp_min(1e-12))
+        block = self.model.allspark
+        if block is not None and block.memory is not None:
+            record["memory_fill"] = _to_python(block.memory.fill())
+            record["memory_diversity"] = _to_python(memory_diversity(block.memory))
+            record["memory_read"] = self.step > self.plan.warmup
+        return record
+
+    def validate(self) -> SegMetrics:
+        """Evaluate the (unwrapped) model in fp32 on this process's validation shard, reduced across processes.
+
+        fp32 whatever ``train.precision`` is, so ``allspark-seg eval`` on a checkpoint gives the logged number.
+        """
+        ev = self.cfg.eval
+        loader = build_val_loader(self.bundle.val, rank=self.env.rank, world_size=self.env.world_size)
+        result = evaluate(
+            self.model,
+            loader,
+            self.cfg.data.num_classes,
+            mode=ev.mode,
+            window=tuple(ev.window),
+            stride=tuple(ev.stride),
+            flip=ev.flip,
+            scales=tuple(ev.scales),
+            shift_edges=ev.shift_edges,
+            device=self.env.device,
+        )
+        return result.metrics
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> FitResult:
+        cfg, plan, env = self.cfg, self.plan, self.env
+        if env.is_main:
+            dump_config(cfg, self.out_dir / "config.yaml")
+        log.info(
+            "%s: %d iterations (%d per epoch), memory read from iteration %d, %s on %s x%d",
+            cfg.method,
+            plan.total,
+            plan.steps_per_epoch,
+            plan.warmup,
+            cfg.train.precision,
+            env.device,
+            env.world_size,
+        )
+        start_time = time.perf_counter()
+        progress = Progress(plan.total, self.step, logger=log, enabled=env.is_main)
+        sums: dict[str, torch.Tensor] = {}
+        count, window_start = 0, time.perf_counter()
+        nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+        final: SegMetrics | None = None
+        it_l = it_u = None
+        while self.step < plan.total:
+            epoch, offset = divmod(self.step, plan.steps_per_epoch)
+            if it_l is None or offset == 0:
+                it_l, it_u = self._epoch_iterators(epoch, offset)
+            out = self.train_step(it_l, it_u)
+            nonfinite |= ~torch.isfinite(out.loss.detach())
+            for key, value in out.logs.items():
+                sums[key] = sums.get(key, 0) + value.float()
+            count += 1
+            last = self.step == plan.total
+            if self.step % cfg.train.log_every == 0 or last:
+                self._check_finite(nonfinite, sums, count)
+                record = self.log_record(sums, count, out, time.perf_counter() - window_start)
+                self.writer.write(record)
+                stats = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_x", "loss_u") if k in record)
+                progress.update(self.step, stats, log_line=True)
+                sums, count, window_start = {}, 0, time.perf_counter()
+            else:
+                progress.update(self.step)
+            if self.step % plan.eval_every == 0 or last:
+                self._check_finite(nonfinite, sums, max(count, 1))
+                final = self._evaluate_and_select()
+            if self.step % cfg.train.checkpoint_every == 0 or last:
+                self._check_finite(nonfinite, sums, max(count, 1))
+                self.save(LAST)
+        progress.close()
+        if final is None:  # resumed after the end: evaluate what is there
+            final = self.validate()
+        self.writer.close()
+        if env.is_main:
+            (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
+        return FitResult(
+            self.out_dir,
+            self.step,
+            self.best_miou,
+            self.best_step,
+            final,
+            self.writer.history,
+            time.perf_counter() - start_time,
+        )
+
+    def _results(self, metrics: SegMetrics) -> dict[str, Any]:
+        return {
+            "method": self.cfg.method,
+            "step": self.step,
+            "best_miou": self.best_miou,
+            "best_step": self.best_step,
+            "final": metrics.to_dict(list(self.bundle.class_names)),
+        }
+
+    def _evaluate_and_select(self) -> SegMetrics:
+        metrics = self.validate()
+        record: dict[str, Any] = {"type": "eval", "step": self.step, "miou": metrics.miou}
+        record.update({"miou_official": metrics.miou_official, "pixel_acc": metrics.pixel_acc})
+        record["iou"] = [None if v != v else v for v in metrics.iou]
+        improved = metrics.miou > self.best_miou
+        if improved:
+            self.best_miou, self.best_step = metrics.miou, self.step
+            self.save(BEST)
+        record["best_miou"] = self.best_miou
+        self.writer.write(record)
+        log.info(
+            "eval @%d: mIoU %.2f (best %.2f @%d)",
+            self.step,
+            100 * metrics.miou,
+            100 * self.best_miou,
+            self.best_step,
+        )
+        return metrics
+
+    def _check_finite(self, nonfinite: torch.Tensor, sums: dict[str, torch.Tensor], count: int) -> None:
+        """Stop with a clear message when any process saw a non-finite loss (one collective, at log steps only)."""
+        flag = nonfinite.to(torch.int32)
+        if self.env.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if bool(flag):
+            where = self.out_dir / LAST
+            kept = f"the last good checkpoint {where} is kept" if where.exists() else "no checkpoint was written"
+            values = ", ".join(f"{k}={float(v) / count:.4g}" for k, v in sums.items())
+            raise TrainingDiverged(
+                f"The loss became non-finite before iteration {self.step} ({values}); training stopped and {kept}. "
+                "Lower train.lr, or use train.precision=fp32."
+            )
+
+
+def fit(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    env: DistEnv | None = None,
+) -> FitResult:
+    """Train a model as ``cfg`` describes, writing everything into ``out_dir``.
+
+    Running it again with the same ``out_dir`` resumes from ``out_dir/last.pt``; ``resume`` picks another
+    checkpoint. Under ``torchrun`` every process calls it; only rank 0 writes.
+
+    Raises:
+        AllSparkError: Bad config, data or checkpoint; :class:`TrainingDiverged` on a non-finite loss.
+    """
+    out = Path(out_dir)
+    env = env or init_distributed(cfg.train.device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, out, env, resume).run()
