@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from allspark_seg.data import transforms as T
 from allspark_seg.data.palette import palette_for
@@ -152,6 +153,21 @@ def test_hue_rotation_keeps_a_saturated_colour_saturated() -> None:
         out = T.color_jitter(red, np.random.default_rng(seed), 0, 0, 0, 0.5)
         assert out.max() >= 250 and out.min() <= 5
         assert (out == out[0, 0]).all()
+
+
+def test_adjust_hue_matches_pil_hsv() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert (T.adjust_hue(image, 0.0) == image).all()
+    rotated = T.adjust_hue(image, 1 / 3).astype(int)  # a third of a turn moves red to green, green to blue
+    assert np.abs(rotated[..., [1, 2, 0]] - image).max() <= 1
+    gray = np.full((2, 2, 3), 77, np.uint8)
+    assert (T.adjust_hue(gray, 0.3) == 77).all()
+    for hue in (0.1, -0.25, 0.5):
+        h, s, v = Image.fromarray(image).convert("HSV").split()
+        h = Image.fromarray(((np.asarray(h, np.int64) + int(hue * 255)) % 256).astype(np.uint8))
+        pil = np.asarray(Image.merge("HSV", (h, s, v)).convert("RGB")).astype(int)
+        diff = np.abs(T.adjust_hue(image, int(hue * 255) / 255).astype(int) - pil)
+        assert diff.mean() < 1.5 and diff.max() <= 16  # PIL quantises hue and saturation to 8 bits
 
 
 def test_grayscale_and_blur() -> None:

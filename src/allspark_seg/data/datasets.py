@@ -43,6 +43,7 @@ __all__ = [
     "DatasetInfo",
     "FormatSpec",
     "Item",
+    "ScanReport",
     "TrainDataset",
     "ValDataset",
     "describe_dataset",
@@ -298,16 +299,30 @@ def load_mask(path: str | Path, encoding: str = "ids") -> np.ndarray:
 # --------------------------------------------------------------------------------------------- the scan
 
 
+def _jpeg_has_end_marker(path: Path) -> bool:
+    """True when the JPEG end-of-image marker is in the last 4 KiB (it is missing from truncated files)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 4096))
+        return b"\xff\xd9" in f.read()
+
+
 def _check_image(path: Path) -> tuple[int, int]:
-    """Open an image cheaply but completely enough to detect truncation; returns ``(width, height)``."""
+    """Open an image cheaply but completely enough to detect truncation; returns ``(width, height)``.
+
+    PNG: every chunk's CRC is verified without decoding. JPEG: the header is parsed and the end-of-image marker
+    looked for; without it the image is decoded at 1/8 scale, which fails on truncated data. Other formats are
+    decoded.
+    """
     try:
         with Image.open(path) as image:
             size = image.size
             if image.format == "PNG":
-                image.verify()  # checks every chunk's CRC without decoding
+                image.verify()
             elif image.format == "JPEG":
-                image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))  # 1/8-scale decode
-                image.load()
+                if not _jpeg_has_end_marker(path):
+                    image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                    image.load()
             else:
                 image.load()
     except _READ_ERRORS as error:
@@ -315,23 +330,38 @@ def _check_image(path: Path) -> tuple[int, int]:
     return size
 
 
-def _check_mask_values(mask: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
-    counts = np.bincount(mask.ravel(), minlength=256)
-    bad = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
-    if bad.size:
-        shown = ", ".join(str(int(v)) for v in bad[:8]) + (" ..." if bad.size > 8 else "")
+@dataclass(frozen=True)
+class ScanReport:
+    """What a scan saw: ``items`` checked, ``masks`` checked, whether any mask has a class in [1, K)
+    (``foreground``) and whether any has the ignore value (``ignore``)."""
+
+    items: int
+    masks: int
+    foreground: bool
+    ignore: bool
+
+
+def _check_mask_values(mask: np.ndarray, num_classes: int, path: Path) -> tuple[bool, bool]:
+    """Raise for values outside [0, K) that are not 255; return (has a class in [1, K), has 255)."""
+    top = int(mask.max()) if mask.size else 0
+    if top < num_classes:
+        return top > 0, False
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(mask[bad])
+        shown = ", ".join(str(int(v)) for v in values[:8]) + (" ..." if values.size > 8 else "")
         raise DataError(
             f"Mask {path} has values {shown} outside [0, {num_classes}) that are not the ignore value 255 "
             f"(num_classes is {num_classes})."
         )
-    return counts
+    return bool(((mask > 0) & (mask < num_classes)).any()), True
 
 
-def check_item(item: Item, num_classes: int) -> np.ndarray | None:
+def check_item(item: Item, num_classes: int) -> tuple[bool, bool] | None:
     """Check one item: readable image, readable mask of the same size with values in [0, K) or 255.
 
     Returns:
-        The mask's 256-bin value histogram, or None without a mask.
+        For an item with a mask, whether it has a class in [1, K) and whether it has 255; otherwise None.
 
     Raises:
         DataError: naming the file and the problem.
@@ -348,25 +378,25 @@ def check_item(item: Item, num_classes: int) -> np.ndarray | None:
 
 
 def _default_workers() -> int:
-    return max(1, min(16, 2 * (os.cpu_count() or 1)))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
-def scan_items(items: Sequence[Item], num_classes: int, *, workers: int | None = None) -> np.ndarray:
+def scan_items(items: Sequence[Item], num_classes: int, *, workers: int | None = None) -> ScanReport:
     """Check every item (in a thread pool) and raise one error for the first bad file.
 
     Args:
         items: samples to check.
         num_classes: K.
-        workers: threads; default ``min(16, 2 * cpu_count)``.
+        workers: threads; default ``min(8, cpu_count)`` (Pillow decodes without the GIL).
 
     Returns:
-        ``(256,)`` int64 histogram of the mask values over all items.
+        A :class:`ScanReport`.
 
     Raises:
         DataError: the first problem in item order, with the number of other bad files.
     """
 
-    def safe(item: Item) -> tuple[str | None, np.ndarray | None]:
+    def safe(item: Item) -> tuple[str | None, tuple[bool, bool] | None]:
         try:
             return None, check_item(item, num_classes)
         except DataError as error:
@@ -375,22 +405,24 @@ def scan_items(items: Sequence[Item], num_classes: int, *, workers: int | None =
     workers = workers or _default_workers()
     if workers > 1 and len(items) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(safe, items, chunksize=16))
+            results = list(pool.map(safe, items))
     else:
         results = [safe(item) for item in items]
     problems = [problem for problem, _ in results if problem is not None]
     if problems:
         more = f" ({len(problems) - 1} other files have problems too.)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
-    total = np.zeros(256, dtype=np.int64)
-    for _, counts in results:
-        if counts is not None:
-            total += counts
-    return total
+    flags = [flag for _, flag in results if flag is not None]
+    return ScanReport(
+        items=len(items),
+        masks=len(flags),
+        foreground=any(fg for fg, _ in flags),
+        ignore=any(ig for _, ig in flags),
+    )
 
 
-def _warn_suspicious(counts: np.ndarray, num_classes: int, where: str) -> None:
-    if num_classes >= 2 and counts[IGNORE_INDEX] > 0 and counts[1:num_classes].sum() == 0:
+def _warn_suspicious(report: ScanReport, num_classes: int, where: str) -> None:
+    if num_classes >= 2 and report.ignore and not report.foreground:
         log.warning(
             "%s: the masks contain only class 0 and 255 (ignore). If 255 marks your foreground, save it as 1.", where
         )
@@ -650,9 +682,9 @@ def open_split(
     if not items:
         raise DataError(f"No {role} images found in {root}.")
     if check:
-        counts = scan_items(items, k, workers=workers)
+        report = scan_items(items, k, workers=workers)
         if role != "unlabeled":
-            _warn_suspicious(counts, k, f"{root} ({role})")
+            _warn_suspicious(report, k, f"{root} ({role})")
     with_gt = sum(item.mask is not None for item in items)
     log.info("%s %s: %d images (%d with masks) in %s", get_format(format).name, role, len(items), with_gt, root)
     return items

@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PIPELINES",
+    "adjust_hue",
     "apply_pipeline",
     "color_jitter",
     "cutmix_box",
@@ -169,13 +170,35 @@ def hflip(image: np.ndarray, masks: Masks, rng: np.random.Generator, p: float = 
 # ------------------------------------------------------------------------------------------- photometric
 
 
-def _adjust_hue(image: Image.Image, hue: float) -> Image.Image:
-    """Rotate the hue by ``hue`` turns (in [-0.5, 0.5]) in PIL's HSV space, as torchvision does for PIL input."""
-    h, s, v = image.convert("HSV").split()
-    shift = int(hue * 255) % 256  # torchvision: np.uint8(hue * 255), truncation then wrap-around
-    h_arr = (np.asarray(h, dtype=np.uint16) + shift) % 256
-    h = Image.fromarray(h_arr.astype(np.uint8))
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+def adjust_hue(image: np.ndarray, hue: float) -> np.ndarray:
+    """Rotate the hue by ``hue`` turns in HSV space, keeping saturation and value (torchvision's tensor formula).
+
+    Vectorised in float32 without PIL's 8-bit HSV round trip (which is about twice slower at 513 px and quantises
+    the hue); the result differs from PIL's by about one grey level on average.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        hue: rotation in turns, in [-0.5, 0.5].
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    r, g, b = np.moveaxis(image, -1, 0).astype(np.float32)
+    maxc = np.maximum(np.maximum(r, g), b)
+    delta = maxc - np.minimum(np.minimum(r, g), b)
+    inv = 1.0 / np.maximum(delta, np.float32(1))
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    # hue in sextants [0, 6): red max (g - b) / delta, green max 2 + (b - r) / delta, blue max 4 + (r - g) / delta
+    h = ((g - b) * is_r + (b - r) * is_g + (r - g) * is_b) * inv + (2 * is_g + 4 * is_b).astype(np.float32)
+    h += np.float32(6 * hue)
+    out = np.empty(image.shape, dtype=np.float32)
+    for channel, offset in enumerate((5.0, 3.0, 1.0)):  # HSV -> RGB: c = V - V * S * clip(min(k, 4 - k), 0, 1)
+        k = h + np.float32(offset)
+        k -= np.float32(6) * np.floor(k * np.float32(1 / 6))
+        out[..., channel] = maxc - delta * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return np.rint(out, out=out).astype(np.uint8)
 
 
 def color_jitter(
@@ -186,7 +209,10 @@ def color_jitter(
     saturation: float = 0.5,
     hue: float = 0.25,
 ) -> np.ndarray:
-    """Colour jitter as torchvision's ``ColorJitter`` on PIL images: the four adjustments in a random order.
+    """Colour jitter as torchvision's ``ColorJitter``: the four adjustments in a random order.
+
+    Brightness, contrast and saturation use PIL's ``ImageEnhance`` as torchvision does for PIL images; the hue
+    rotation is :func:`adjust_hue`.
 
     Factors are drawn as brightness/contrast/saturation ``U(max(0, 1 - x), 1 + x)`` and hue ``U(-hue, hue)``;
     a zero strength skips that adjustment (and draws nothing for it).
@@ -211,7 +237,7 @@ def color_jitter(
         if op < 3 and factors[op] is not None:
             pil = enhancers[op](pil).enhance(float(factors[op]))
         elif op == 3 and hue_shift is not None:
-            pil = _adjust_hue(pil, float(hue_shift))
+            pil = Image.fromarray(adjust_hue(np.asarray(pil), float(hue_shift)))
     return np.asarray(pil)
 
 
