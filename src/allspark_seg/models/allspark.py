@@ -39,7 +39,7 @@ def _attention_weights(
     Normalisation and softmax run in float32 even under autocast. With ``column_mask`` ``(S,)`` the statistics use
     only the valid columns and the others get zero weight.
     """
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; float64 stays float64
     if column_mask is None:
         x = standardize(x, eps)
     else:
