@@ -201,6 +201,17 @@ def test_sixteen_bit_mask_values(tmp_path: Path) -> None:
         open_labeled(root)
 
 
+def test_binary_masks_saved_as_0_and_255_get_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = folder(tmp_path)
+    for i in range(3):
+        write_mask(root / "labeled" / "masks" / f"s{i}.png", value=255 * (i % 2))
+    with caplog.at_level("WARNING", logger="allspark_seg.data.datasets"):
+        open_labeled(root)
+    assert "only class 0 and 255" in caplog.text
+    report = data.scan_items(open_labeled(root, check=False), 3)
+    assert (report.items, report.masks, report.foreground, report.ignore) == (3, 3, False, True)
+
+
 def test_jpeg_mask_is_rejected(tmp_path: Path) -> None:
     root = folder(tmp_path)
     (root / "labeled" / "masks" / "s0.png").unlink()
