@@ -330,6 +330,21 @@ def test_odd_image_modes_are_converted_to_rgb(tmp_path: Path, mode: str, ext: st
     assert sample["image"].shape == (3, 8, 8)
 
 
+def test_rare_image_modes_are_converted_or_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = folder(tmp_path)
+    (root / "unlabeled" / "u0.png").unlink()
+    lab = root / "unlabeled" / "u0.tif"
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).convert("LAB").save(lab)
+    assert len(open_labeled(root, "unlabeled")) == 3 and data.load_image(lab).shape == (H, W, 3)
+
+    def refuse(image: Image.Image) -> np.ndarray:
+        raise ValueError(f"conversion from {image.mode} to RGB not supported")
+
+    monkeypatch.setattr("allspark_seg.data.datasets._to_rgb", refuse)
+    with raises_naming(lab, "has mode LAB, which cannot be converted to RGB"):
+        open_labeled(root, "unlabeled")
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     path = tmp_path / "x.png"
     Image.fromarray(np.array([[0, 32896, 65535]], np.uint16)).save(path)

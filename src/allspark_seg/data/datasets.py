@@ -307,17 +307,30 @@ def _jpeg_has_end_marker(path: Path) -> bool:
         return b"\xff\xd9" in f.read()
 
 
+_COMMON_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+
+
+def _check_convertible(image: Image.Image, path: Path) -> None:
+    image.load()
+    try:
+        _to_rgb(image)
+    except ValueError as error:
+        raise DataError(f"Image {path} has mode {image.mode}, which cannot be converted to RGB ({error}).") from error
+
+
 def _check_image(path: Path) -> tuple[int, int]:
     """Open an image cheaply but completely enough to detect truncation; returns ``(width, height)``.
 
     PNG: every chunk's CRC is verified without decoding. JPEG: the header is parsed and the end-of-image marker
-    looked for; without it the image is decoded at 1/8 scale, which fails on truncated data. Other formats are
-    decoded.
+    looked for; without it the image is decoded at 1/8 scale, which fails on truncated data. Other formats, and
+    rare modes (LAB, HSV, ...), are decoded (and converted once).
     """
     try:
         with Image.open(path) as image:
             size = image.size
-            if image.format == "PNG":
+            if image.mode not in _COMMON_MODES and not image.mode.startswith("I;16"):
+                _check_convertible(image, path)  # rare modes (LAB, HSV, ...): decode and convert once
+            elif image.format == "PNG":
                 image.verify()
             elif image.format == "JPEG":
                 if not _jpeg_has_end_marker(path):
