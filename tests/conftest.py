@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 
 from allspark_seg import build_model
 from allspark_seg.models import AllSparkSegmentor
+
+# Tiny models are fastest on one thread, and several test processes (torchrun workers, subprocesses) must not
+# oversubscribe the CPU: OpenMP threads that spin-wait on a busy 2-core machine slow everything down tenfold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 TINY_ENCODER = {"embed_dims": (8, 16, 32, 64), "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
 

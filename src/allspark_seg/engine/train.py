@@ -321,6 +321,11 @@ class Trainer:
     # -- logging --------------------------------------------------------------------------------------------------
     def log_record(self, sums: dict[str, torch.Tensor], count: int, out: StepOutput, seconds: float) -> dict:
         record: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.plan.steps_per_epoch}
+        if self.env.distributed:  # losses averaged over processes: the loss of the global batch
+            keys = sorted(sums)
+            stacked = torch.stack([sums[k] for k in keys])
+            torch.distributed.all_reduce(stacked)
+            sums = dict(zip(keys, stacked / self.env.world_size, strict=True))
         record.update({k: _to_python(v / count) for k, v in sums.items()})
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["sec_per_iter"] = seconds / count
