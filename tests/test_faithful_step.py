@@ -2,8 +2,8 @@
 
 Same weights, same batches (from our loaders), dropout off: 10 iterations across the memory warm-up (8 steps per
 epoch, warm-up 1 epoch), with the official optimiser, loss and learning-rate schedule (set after each step).
-Losses, weights and the Semantic Memory must agree to float64 precision (weights within 1e-6 relative after
-10 steps; float32 rounding would be ~1e-4).
+Losses, weights and the Semantic Memory must agree to float64 precision (every tensor within 1e-7 of its
+largest value after 10 steps; float32 rounding alone gives ~1e-6).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def test_allspark_step_matches_the_official_loop(tmp_path):
     expected = to_official_state_dict(model)
     got = ref.state_dict()
     for key, value in expected.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}")
+        if value.is_floating_point():  # max |difference| relative to the tensor's largest value
+            assert (got[key] - value).abs().max() <= 1e-7 * value.abs().max().clamp_min(1e-12), key
         else:
             assert torch.equal(got[key], value), key
     # Memory buffers (kv_queue, queue_ptr) are part of the comparison above; they did move.
