@@ -10,6 +10,7 @@ every generator state is restored.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -138,6 +139,20 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
         )
 
 
+def _wrap_ddp(model: nn.Module, env: DistEnv, cfg: RunConfig) -> nn.Module:
+    """DistributedDataParallel. Buffers are synchronised before each forward only for the official ``rank0``
+    memory behaviour (rank 0's memory and BatchNorm statistics overwrite the others', method doc Q9)."""
+    sync_buffers = cfg.model.allspark.memory_sync == "rank0"
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": sync_buffers}
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        find_unused_parameters=cfg.model.allspark.memory_length is not None,  # k_mem/v_mem idle in the warm-up
+        **sync,
+    )
+
+
 class _Writer:
     """``metrics.jsonl`` (and TensorBoard when installed and asked) on the main process."""
 
@@ -184,6 +199,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: Path, env: DistEnv, resume: str | Path | None) -> None:
         self.env = env
         self.out_dir = out_dir
+        if env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -207,13 +224,7 @@ class Trainer:
         self._resume(resume)
         net: nn.Module = self.model
         if env.distributed:
-            memory = cfg.model.allspark.memory_length
-            net = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=cfg.model.allspark.memory_sync == "rank0",
-                find_unused_parameters=memory is not None,
-            )
+            net = _wrap_ddp(self.model, env, cfg)
         if t.compile:
             net = torch.compile(net)
         self.net = net
@@ -484,8 +495,5 @@ def fit(
     Raises:
         AllSparkError: Bad config, data or checkpoint; :class:`TrainingDiverged` on a non-finite loss.
     """
-    out = Path(out_dir)
     env = env or init_distributed(cfg.train.device)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, out, env, resume).run()
+    return Trainer(cfg, Path(out_dir), env, resume).run()
