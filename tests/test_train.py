@@ -19,7 +19,7 @@ from allspark_seg.engine import checkpoint as ckpt_module
 from allspark_seg.engine import recipes
 from allspark_seg.engine.checkpoint import atomic_save, load_checkpoint
 from allspark_seg.engine.train import Trainer, TrainingDiverged, fit, training_plan
-from allspark_seg.errors import CheckpointError
+from allspark_seg.errors import AllSparkError, CheckpointError
 from train_utils import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +188,29 @@ def test_tiny_training_learns_the_synthetic_data(tmp_path):
     train = records(tmp_path / "run")
     assert train[-1]["loss"] < 0.9 * train[0]["loss"]
     assert result.best_miou > before + 0.12, (before, result.best_miou)
+
+
+@pytest.mark.parametrize(("precision", "accum"), [("bf16", 1), ("fp16", 2)])
+def test_mixed_precision_and_gradient_accumulation(tmp_path, data_root, precision, accum):
+    cfg = tiny_config(data_root, overrides=(f"train.precision={precision}", f"train.grad_accum={accum}"), iterations=3)
+    result = fit(cfg, tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert result.step == 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "run"))
+    assert (saved["scaler"] is not None) == (precision == "fp16")  # fp16 needs a gradient scaler, bf16 does not
+    assert all(v.dtype != torch.float16 for v in saved["model"].values())  # weights stay float32 under autocast
+
+
+def test_tensorboard_without_the_extra_is_a_clear_error(tmp_path, data_root, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(AllSparkError, match=r"pip install 'allspark-seg\[tb\]'"):
+        fit(tiny_config(data_root, overrides=("train.tensorboard=true",), iterations=1), tmp_path / "run")

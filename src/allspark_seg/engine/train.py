@@ -425,6 +425,7 @@ class Trainer:
             final = self.validate()
         self.writer.close()
         if env.is_main:
+            log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
             (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
         return FitResult(
             self.out_dir,
