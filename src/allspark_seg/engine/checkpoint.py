@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
 
+# What torch.load raises on truncated or foreign files (the legacy unpickler fails in many ways on non-torch bytes).
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    KeyError,
+    IndexError,
+)
+
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
@@ -56,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except _UNREADABLE as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"Checkpoint '{path}' cannot be read safely ({first[:160]}).") from None
     if not isinstance(obj, dict):
