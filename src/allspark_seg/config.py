@@ -26,6 +26,7 @@ from .errors import ConfigError
 
 __all__ = [
     "METHODS",
+    "WEAK_TO_STRONG",
     "AllSparkConfig",
     "DataConfig",
     "EvalConfig",
@@ -82,9 +83,11 @@ class ModelConfig:
     """The segmentor (``model.*``).
 
     Attributes:
-        encoder: ``mit_b0`` .. ``mit_b5``, or ``hf:DIR`` for a Hugging Face ``AutoBackbone`` saved in a local folder.
+        encoder: ``mit_b0`` .. ``mit_b5``, or ``hf:DIR`` for a Hugging Face ``AutoBackbone`` saved in a local folder
+            (widths and strides are read from the backbone; the MiT-only keys below are ignored).
         pretrained: Local path of ImageNet encoder weights (NVlabs ``mit_bX.pth`` or a Hugging Face directory);
-            empty for random initialisation. Nothing is ever downloaded.
+            empty for random initialisation. For ``hf:DIR`` it is empty (random weights from ``DIR``'s config) or
+            ``DIR`` itself (load the weights saved in ``DIR``). Nothing is ever downloaded.
         head_dim: SegFormer head width (768 in AllSpark).
         head_dropout: Dropout2d before the classifier.
         drop_path: Encoder stochastic depth.
@@ -221,9 +224,15 @@ class SemiConfig:
         conf_thresh: Pseudo-labels with a lower teacher confidence are ignored (0 = keep all, official).
         ignore_padding: Ignore padded pixels of unlabeled crops in the unlabeled loss (fix of Q12).
         per_image_teacher: Teacher predictions per image rather than batch-coupled (fix of Q13).
-        cutmix: Mix unlabeled strong views with CutMix boxes (UniMatch-style recipes).
-        feature_perturbation: UniMatch's feature-perturbation stream (dropout 0.5 on encoder features).
-        unsup_weight: Weight of the unlabeled loss; the total is ``(sup + unsup_weight * unsup) / 2``... see recipes.
+        cutmix: Mix each strong view with its batch neighbour's inside the sample's CutMix box, with the pseudo-labels,
+            confidences and padding masks mixed the same way (weak-to-strong methods).
+        feature_perturbation: UniMatch's feature-perturbation stream: the weak view is decoded from feature maps
+            passed through ``Dropout2d(fp_dropout)`` (weak-to-strong methods).
+        strong_views: Strong views of each unlabeled image the student learns from: 1 (FixMatch) or 2 (UniMatch);
+            0 for the methods without strong views (supervised, selftrain, allspark).
+        fp_dropout: Channel dropout rate of the feature-perturbation stream (0.5 in UniMatch).
+        unsup_weight: Weight of the unlabeled loss: ``loss = (loss_x + unsup_weight * loss_u) / 2`` (see
+            ``docs/recipes.md`` for ``loss_u`` of each method).
         warmup_iterations: Memory warm-up: the memory is filled from the start but read only after this many
             iterations; or give ``warmup_epochs`` (official: 5 of 80 epochs on Pascal, 15 of 240 on Cityscapes).
             Neither: 1/16 of training.
@@ -237,6 +246,8 @@ class SemiConfig:
     per_image_teacher: bool | None = None
     cutmix: bool | None = None
     feature_perturbation: bool | None = None
+    strong_views: int | None = None
+    fp_dropout: float = 0.5
     unsup_weight: float = 1.0
     warmup_iterations: int | None = None
     warmup_epochs: float | None = None
@@ -272,9 +283,14 @@ class GuardConfig:
         enabled: Watch validation mIoU and the pseudo-label class shares.
         miou_drop: Fire when validation mIoU falls this many points (percent) below the best so far.
         min_class_share: Fire when the pseudo-label share of a class that is present in the labeled data
-            falls below this fraction of its labeled share (0 disables this check).
-        action: ``stop`` or ``rollback`` (reload the best checkpoint and continue at a lower learning rate).
-        patience: Consecutive firing checks before acting.
+            falls below this fraction of its labeled share (0 disables this check). Checked at every logging step
+            once a best checkpoint exists, on the pseudo-labels of the whole logging window.
+        action: ``stop`` (raise :class:`~allspark_seg.engine.train.TrainingCollapsed`; ``best.pt`` is kept) or
+            ``rollback``: reload the model, Semantic Memory, EMA teacher and optimiser state of ``best.pt``, keep
+            the iteration count, data position and poly schedule, and multiply the learning rate by ``lr_factor``.
+        patience: Consecutive firing checks (of the same kind) before acting.
+        lr_factor: Learning-rate factor applied at each rollback (cumulative; 1 keeps the learning rate).
+        max_rollbacks: Rollbacks allowed in a run; the next collapse stops it.
     """
 
     enabled: bool = False
@@ -282,6 +298,8 @@ class GuardConfig:
     min_class_share: float = 0.0
     action: str = "stop"
     patience: int = 1
+    lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass(frozen=True)
@@ -314,6 +332,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "per_image_teacher": False,
         "cutmix": False,
         "feature_perturbation": False,
+        "strong_views": 0,
     },
     "allspark": {
         "allspark": True,
@@ -326,6 +345,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "per_image_teacher": False,
         "cutmix": False,
         "feature_perturbation": False,
+        "strong_views": 0,
     },
     "fixmatch": {
         "allspark": False,
@@ -337,6 +357,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "per_image_teacher": True,
         "cutmix": True,
         "feature_perturbation": False,
+        "strong_views": 1,
     },
     "unimatch": {
         "allspark": False,
@@ -348,6 +369,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "per_image_teacher": True,
         "cutmix": True,
         "feature_perturbation": True,
+        "strong_views": 2,
     },
     "allspark+": {
         "allspark": True,
@@ -360,8 +382,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "per_image_teacher": True,
         "cutmix": True,
         "feature_perturbation": False,
+        "strong_views": 2,
     },
 }
+
+#: Methods whose student learns from strong views of the unlabeled images (``recipes.weak_to_strong_step``).
+WEAK_TO_STRONG: tuple[str, ...] = ("fixmatch", "unimatch", "allspark+")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": tuple(METHODS),
@@ -615,7 +641,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if preset["semi"]:
         semi = replace(semi, **{k: preset[k] if getattr(semi, k) is None else getattr(semi, k) for k in _SEMI_PRESET})
     else:
-        semi = replace(semi, **{k: False if k != "conf_thresh" else 0.0 for k in _SEMI_PRESET})
+        semi = replace(semi, **_SUPERVISED_SEMI)
     if not 0.0 <= semi.conf_thresh <= 1.0:
         raise ConfigError(f"Config key 'semi.conf_thresh' must be in [0, 1], got {semi.conf_thresh}.")
     if semi.warmup_iterations is not None and semi.warmup_epochs is not None:
@@ -626,6 +652,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             "semi.cutmix and semi.feature_perturbation need the unimatch augmentation pipeline: "
             "set data.pipeline=unimatch."
         )
+    _check_weak_to_strong(cfg.method, semi, data.pipeline)
 
     # Evaluation defaults.
     ev = cfg.eval
@@ -635,11 +662,56 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     ev = replace(ev, mode=mode, window=window, stride=list(_pair(stride, "eval.stride")))
     if not ev.scales or any(s <= 0 for s in ev.scales):
         raise ConfigError(f"Config key 'eval.scales' must be a non-empty list of positive factors, got {ev.scales}.")
-    _positive(cfg, "guard.patience")
+    _positive(cfg, "guard.patience", "guard.lr_factor")
+    _positive(cfg, "guard.miou_drop", "guard.min_class_share", "guard.max_rollbacks", allow_zero=True)
+    if cfg.guard.lr_factor > 1.0:
+        raise ConfigError(f"Config key 'guard.lr_factor' must be in (0, 1], got {cfg.guard.lr_factor}.")
+    _check_hf_pretrained(model)
     return replace(cfg, model=model, data=data, train=train, semi=semi, eval=ev)
 
 
-_SEMI_PRESET = ("ema", "conf_thresh", "ignore_padding", "per_image_teacher", "cutmix", "feature_perturbation")
+_SEMI_PRESET = (
+    "ema",
+    "conf_thresh",
+    "ignore_padding",
+    "per_image_teacher",
+    "cutmix",
+    "feature_perturbation",
+    "strong_views",
+)
+_SUPERVISED_SEMI: dict[str, Any] = dict.fromkeys(_SEMI_PRESET, False) | {"conf_thresh": 0.0, "strong_views": 0}
+
+
+def _check_weak_to_strong(method: str, semi: SemiConfig, pipeline: str) -> None:
+    """Strong views, CutMix and feature perturbation belong to the weak-to-strong methods."""
+    if method in WEAK_TO_STRONG:
+        if pipeline != "unimatch":
+            raise ConfigError(
+                f"Method '{method}' learns from strong views of the unlabeled images: it needs data.pipeline=unimatch."
+            )
+        if semi.strong_views not in (1, 2):
+            raise ConfigError(f"Config key 'semi.strong_views' must be 1 or 2 for '{method}', got {semi.strong_views}.")
+        if not 0.0 <= semi.fp_dropout < 1.0:
+            raise ConfigError(f"Config key 'semi.fp_dropout' must be in [0, 1), got {semi.fp_dropout}.")
+        return
+    for key in ("cutmix", "feature_perturbation", "strong_views"):
+        if getattr(semi, key):
+            raise ConfigError(
+                f"Config key 'semi.{key}' applies to the weak-to-strong methods ({', '.join(WEAK_TO_STRONG)}), "
+                f"not to '{method}'."
+            )
+
+
+def _check_hf_pretrained(model: ModelConfig) -> None:
+    """For ``hf:DIR`` encoders ``model.pretrained`` is empty or ``DIR`` (weights and config come from one folder)."""
+    if not model.encoder.startswith("hf:") or not model.pretrained:
+        return
+    folder = model.encoder[3:]
+    if Path(model.pretrained).expanduser().resolve() != Path(folder).expanduser().resolve():
+        raise ConfigError(
+            f"Config key 'model.pretrained' is '{model.pretrained}' but the encoder is hf:{folder}: leave it empty for "
+            f"random weights or set it to '{folder}' to load the weights saved there."
+        )
 
 
 def _mit_names() -> tuple[str, ...]:

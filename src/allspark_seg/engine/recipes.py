@@ -5,6 +5,14 @@ pass of the same model in eval mode on the unlabeled batch, hard argmax pseudo-l
 labeled plus unlabeled images, ``loss = (loss_x + loss_u) / 2``; for ``allspark`` the teacher logits drive the
 channel grouping and memory update, and the memory is read after the warm-up. Options on top (off for the
 faithful recipes): EMA teacher, confidence threshold, ignoring padded pixels, per-image teacher predictions.
+
+``fixmatch``, ``unimatch`` and ``allspark+`` (:func:`weak_to_strong_step`, UniMatch's weak-to-strong consistency):
+the teacher (EMA model, or the student in eval mode) labels the weak view; the student learns those pseudo-labels on
+``semi.strong_views`` strong views, each CutMixed with its batch neighbour (``torch.roll`` by one along the batch
+stands in for UniMatch's second unlabeled loader), and optionally on the weak view decoded from perturbed features
+(``semi.feature_perturbation``). With the AllSpark block (``allspark+``) the teacher logits, mixed exactly as the
+images are, are the guide maps of the channel grouping, so the memory groups each channel against maps aligned with
+the image the student sees. See ``docs/recipes.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ __all__ = [
     "RECIPES",
     "StepContext",
     "StepOutput",
+    "cutmix",
     "ema_update",
     "make_ema",
     "pseudo_labels",
@@ -32,6 +41,7 @@ __all__ = [
     "supervised_step",
     "teacher_logits",
     "unsup_loss",
+    "weak_to_strong_step",
 ]
 
 IGNORE = 255
@@ -152,7 +162,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
     allspark = ctx.cfg.model.allspark.enabled
     with ctx.autocast():
         logits_l, logits_u = ctx.net(
-            x_l, x_u, guide_logits=guide if allspark else None, use_memory=use_memory and allspark
+            x_l, x_u, guide_logits=guide if allspark else None, use_memory=reads_memory(ctx.cfg, use_memory)
         )
     loss_x = ctx.criterion_l(logits_l.float(), y_l)
     loss_u = unsup_loss(logits_u, labels, valid)
@@ -162,11 +172,100 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
     return StepOutput(loss, logs, labels, confidence, target_u)
 
 
+def reads_memory(cfg: RunConfig, use_memory: bool) -> bool:
+    """Whether the student reads the Semantic Memory: after the warm-up, when the model has a block with memory."""
+    block = cfg.model.allspark
+    return bool(use_memory and block.enabled and block.memory)
+
+
+def cutmix(box: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Paste each sample's batch neighbour inside its CutMix box (UniMatch's CutMix with a rolled mix partner).
+
+    Sample ``i`` receives sample ``i - 1`` (``torch.roll(t, 1, 0)``; sample 0 receives the last one) where
+    ``box[i]`` is True. Images, pseudo-labels, confidences, padding masks and guide maps mixed with the same box stay
+    aligned. With a batch of one the partner is the sample itself and nothing changes.
+
+    Args:
+        box: ``(B, H, W)`` bool.
+        *tensors: ``(B, H, W)`` or ``(B, C, H, W)`` tensors.
+
+    Returns:
+        The mixed tensors, in order.
+    """
+    mixed = []
+    for t in tensors:
+        where = box if t.ndim == 3 else box.unsqueeze(1)
+        mixed.append(torch.where(where, t.roll(1, dims=0), t))
+    return mixed
+
+
+def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, *, use_memory: bool) -> StepOutput:
+    """FixMatch / UniMatch / AllSpark+ iteration on the ``unimatch`` pipeline's views.
+
+    1. The teacher labels the weak view ``image``: logits ``g`` ``(B_u, K, H, W)``, pseudo-labels thresholded at
+       ``semi.conf_thresh`` and padding ignored (``semi.ignore_padding``).
+    2. Each of the ``semi.strong_views`` strong views ``image_s{v}`` is CutMixed with its batch neighbour inside
+       ``cutmix_box{v}`` (``semi.cutmix``), and so are its pseudo-labels, padding mask and guide maps.
+    3. One student forward on ``[x_l; (x_w); x_s1; (x_s2)]``; with ``semi.feature_perturbation`` the weak view is
+       decoded from maps through ``Dropout2d(semi.fp_dropout)``. The AllSpark block, if any, gets the (mixed)
+       teacher logits of exactly the unlabeled images it sees as guide maps.
+    4. ``loss_u`` = mean over strong views of their losses, or ``(mean_strong + loss_fp) / 2`` with the perturbed
+       stream (UniMatch V1: 0.25 / 0.25 / 0.5 with two views); ``loss = (loss_x + unsup_weight * loss_u) / 2``.
+       Unlabeled losses use UniMatch's normalisation (:func:`unsup_loss`).
+    """
+    assert batch_u is not None
+    semi = ctx.cfg.semi
+    x_l, y_l = ctx.images(batch_l), batch_l["mask"].to(ctx.device, non_blocking=True)
+    x_w = ctx.images(batch_u)
+    guide = teacher_logits(ctx, x_w)  # (B_u, K, H, W)
+    ignore = batch_u["ignore"].to(ctx.device) if semi.ignore_padding and "ignore" in batch_u else None
+    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore)
+
+    images, targets, guides = [], [], []
+    if semi.feature_perturbation:
+        images.append(x_w)
+        targets.append((labels, valid))
+        guides.append(guide)
+    for v in range(1, semi.strong_views + 1):
+        x_s, lab, val, g = ctx.images(batch_u, f"image_s{v}"), labels, valid, guide
+        if semi.cutmix:
+            box = batch_u[f"cutmix_box{v}"].to(ctx.device)
+            x_s, lab, val, g = cutmix(box, x_s, lab, val, g)
+        images.append(x_s)
+        targets.append((lab, val))
+        guides.append(g)
+
+    allspark = ctx.cfg.model.allspark.enabled
+    fp = x_w.shape[0] if semi.feature_perturbation else 0
+    with ctx.autocast():
+        logits_l, logits_u = ctx.net(
+            x_l,
+            torch.cat(images),
+            guide_logits=torch.cat(guides) if allspark else None,
+            use_memory=reads_memory(ctx.cfg, use_memory),
+            fp_images=fp,
+            fp_rate=semi.fp_dropout,
+        )
+    losses = [unsup_loss(lg, lab, val) for lg, (lab, val) in zip(logits_u.chunk(len(images)), targets, strict=True)]
+    loss_x = ctx.criterion_l(logits_l.float(), y_l)
+    strong = torch.stack(losses[1:] if fp else losses).mean()
+    loss_u = (strong + losses[0]) / 2 if fp else strong
+    loss = (loss_x + semi.unsup_weight * loss_u) / 2
+    logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_s": strong.detach()}
+    if fp:
+        logs["loss_fp"] = losses[0].detach()
+    target_u = batch_u["mask"].to(ctx.device) if "mask" in batch_u else None
+    return StepOutput(loss, logs, labels, confidence, target_u)
+
+
 Recipe = Callable[..., StepOutput]
 RECIPES: dict[str, Recipe] = {
     "supervised": supervised_step,
     "selftrain": self_training_step,
     "allspark": self_training_step,
+    "fixmatch": weak_to_strong_step,
+    "unimatch": weak_to_strong_step,
+    "allspark+": weak_to_strong_step,
 }
 
 

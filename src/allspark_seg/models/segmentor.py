@@ -18,7 +18,10 @@ class AllSparkSegmentor(nn.Module):
     Forward contract:
         - eval mode: ``model(x)`` -> logits ``(B, K, H, W)``;
         - training mode: ``model(x_l, x_u, guide_logits=t, use_memory=flag)`` -> ``(logits_l, logits_u)``, where
-          ``t`` are teacher logits for ``x_u`` at any resolution; ``model(x_l)`` -> ``(logits_l, None)``.
+          ``t`` are teacher logits for ``x_u`` at any resolution; ``model(x_l)`` -> ``(logits_l, None)``;
+        - feature perturbation (UniMatch): ``model(x_l, x_u, ..., fp_images=n, fp_rate=p)`` decodes the first ``n``
+          unlabeled images from maps passed through ``Dropout2d(p)`` (every map the head reads, after the AllSpark
+          block), so their logits are the perturbed stream's; one forward, so DDP sees a single call.
 
     Labeled and unlabeled images go through the encoder and the head as one batch (the head's BatchNorm sees the
     mixed batch, as officially) and are split only around the AllSpark block. Nothing is stored on the modules
@@ -49,6 +52,8 @@ class AllSparkSegmentor(nn.Module):
         guide_logits: torch.Tensor | None = None,
         use_memory: bool = False,
         coupled: bool | None = None,
+        fp_images: int = 0,
+        fp_rate: float = 0.5,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Segment. See the class docstring for the eval and training contracts.
 
@@ -59,6 +64,8 @@ class AllSparkSegmentor(nn.Module):
             use_memory: Read the Semantic Memory in the labeled cross-attention.
             coupled: AllSpark inference over the whole batch (official) instead of per image; None = the
                 block's default.
+            fp_images: Training only: decode the first ``fp_images`` unlabeled images from perturbed maps.
+            fp_rate: Channel dropout rate of the perturbation.
         """
         if not self.training:
             if x_u is not None or guide_logits is not None or use_memory:
@@ -67,7 +74,12 @@ class AllSparkSegmentor(nn.Module):
                 )
             return self._logits(self._features(x, None, None, False, coupled), x)
         self._check_training_inputs(x, x_u, guide_logits, use_memory)
-        logits = self._logits(self._features(x, x_u, guide_logits, use_memory, coupled), x)
+        feats = self._features(x, x_u, guide_logits, use_memory, coupled)
+        if fp_images:
+            if x_u is None or not 0 < fp_images <= x_u.shape[0]:
+                raise ValueError(f"fp_images={fp_images} needs at least that many unlabeled images x_u.")
+            feats = [_perturb(f, x.shape[0], fp_images, fp_rate) for f in feats]
+        logits = self._logits(feats, x)
         if x_u is None:
             return logits, None
         return logits[: x.shape[0]], logits[x.shape[0] :]
@@ -121,3 +133,9 @@ class AllSparkSegmentor(nn.Module):
             )
         if use_memory and (self.allspark is None or self.allspark.memory is None):
             raise ValueError("use_memory=True but the model has no AllSpark Semantic Memory.")
+
+
+def _perturb(feat: torch.Tensor, start: int, count: int, rate: float) -> torch.Tensor:
+    """``Dropout2d(rate)`` on rows ``start .. start + count`` of a map ``(B, C, h, w)``; the other rows unchanged."""
+    dropped = F.dropout2d(feat[start : start + count], rate, training=True)
+    return torch.cat([feat[:start], dropped, feat[start + count :]])

@@ -1,0 +1,218 @@
+"""Training recipes: CutMix, thresholds, EMA and the unlabeled loss by hand; the weak-to-strong wiring; every recipe
+learns a fixed batch."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from allspark_seg.dist import DistEnv
+from allspark_seg.engine.recipes import (
+    RECIPES,
+    StepContext,
+    cutmix,
+    ema_update,
+    make_ema,
+    pseudo_labels,
+    unsup_loss,
+    weak_to_strong_step,
+)
+from allspark_seg.engine.train import Trainer
+from allspark_seg.losses import build_loss
+from conftest import no_dropout, tiny_model
+from train_utils import tiny_config
+
+
+# ----------------------------------------------------------------------------------------- hand-computed pieces
+def test_cutmix_pastes_the_rolled_neighbour_inside_the_box():
+    box = torch.tensor([[[True, False], [False, False]], [[False, False], [True, True]]])  # (B=2, 2, 2)
+    images = torch.arange(16.0).view(2, 2, 2, 2)  # (B, C=2, 2, 2)
+    labels = torch.tensor([[[1, 1], [1, 1]], [[2, 2], [2, 2]]])
+    mixed_images, mixed_labels = cutmix(box, images, labels)
+    # Sample 0 takes sample 1 (its neighbour after roll by one) at (0, 0); sample 1 takes sample 0 on its last row.
+    assert mixed_labels.tolist() == [[[2, 1], [1, 1]], [[2, 2], [1, 1]]]
+    expected = images.clone()
+    expected[0, :, 0, 0] = images[1, :, 0, 0]
+    expected[1, :, 1, :] = images[0, :, 1, :]
+    assert torch.equal(mixed_images, expected)
+    # A batch of one mixes with itself: nothing changes.
+    (same,) = cutmix(box[:1], images[:1])
+    assert torch.equal(same, images[:1])
+
+
+def test_pseudo_labels_threshold_padding_and_the_unimatch_normalisation():
+    # Two classes, four pixels; probabilities of class 1: sigmoid(logit difference).
+    diff = torch.tensor([[[3.0, 0.5], [-2.0, -0.1]]])  # (B=1, 2, 2)
+    logits = torch.stack([torch.zeros_like(diff), diff], dim=1)  # (1, K=2, 2, 2)
+    p1 = torch.sigmoid(diff)
+    ignore = torch.tensor([[[False, False], [True, False]]])
+    labels, confidence, valid = pseudo_labels(logits, conf_thresh=0.8, ignore=ignore)
+    torch.testing.assert_close(confidence, torch.maximum(p1, 1 - p1))
+    # 0.953 kept (class 1); 0.622 below 0.8; padding ignored whatever its confidence (0.881); 0.525 below 0.8.
+    assert labels.tolist() == [[[1, 255], [255, 255]]]
+    assert valid.tolist() == [[[True, True], [False, True]]]
+    # Loss: cross-entropy of the kept pixel divided by the 3 valid pixels (unconfident ones count, padding not).
+    student = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[1.0, 5.0], [5.0, 5.0]]]])
+    expected = -math.log(math.exp(1.0) / (1.0 + math.exp(1.0))) / 3
+    assert unsup_loss(student, labels, valid).item() == pytest.approx(expected, rel=1e-6)
+    # Without threshold and padding: plain argmax and mean cross-entropy (the official loss).
+    labels0, _, valid0 = pseudo_labels(logits)
+    assert labels0.tolist() == [[[1, 1], [0, 0]]] and bool(valid0.all())
+
+
+def test_ema_update_with_the_decay_warm_up():
+    model, ema = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+        model.running_mean.fill_(3.0)
+    # Step 0: d = min(1 - 1/1, 0.9) = 0, the teacher copies the student.
+    assert ema_update(ema, model, decay=0.9, step=0) == 0.0
+    assert ema.weight.tolist() == [1.0, 1.0]
+    assert ema.running_mean.tolist() == [3.0, 3.0]  # buffers are copied
+    # Step 1: d = min(1/2, 0.9) = 0.5.  Step 100: d = 0.9.
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert ema_update(ema, model, decay=0.9, step=1) == 0.5
+    assert ema.weight.tolist() == [2.0, 2.0]  # 0.5 * 1 + 0.5 * 3
+    assert ema_update(ema, model, decay=0.9, step=100) == pytest.approx(0.9)
+    torch.testing.assert_close(ema.weight, torch.full((2,), 0.9 * 2.0 + 0.1 * 3.0))
+    frozen = make_ema(model)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+
+
+def test_feature_perturbation_touches_only_the_chosen_unlabeled_images():
+    torch.manual_seed(0)
+    model = no_dropout(tiny_model(num_classes=3, allspark=False)).train()
+    model.head.linear_fuse.bn.eval()  # batch statistics would couple the rows
+    x_l, x_u = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    clean_l, clean_u = model(x_l, x_u)
+    torch.manual_seed(1)
+    fp_l, fp_u = model(x_l, x_u, fp_images=2, fp_rate=0.5)
+    assert torch.equal(fp_l, clean_l) and torch.equal(fp_u[2:], clean_u[2:])
+    assert not torch.allclose(fp_u[:2], clean_u[:2])
+    with pytest.raises(ValueError, match="fp_images=4"):
+        model(x_l, x_u, fp_images=4)
+
+
+# ---------------------------------------------------------------------------------- weak-to-strong wiring
+class PixelTeacher(nn.Module):
+    """Logits that are a pixel-wise function of the image: class 1 where channel 0 is positive."""
+
+    def forward(self, x: torch.Tensor, coupled: bool = False) -> torch.Tensor:
+        return torch.stack([torch.zeros_like(x[:, 0]), 20 * x[:, 0]], dim=1)
+
+
+class RecordingStudent(nn.Module):
+    """Records its inputs and returns zero logits (with a gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
+
+    def forward(self, x_l: torch.Tensor, x_u: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((x_l, x_u, kwargs))
+        zeros = torch.zeros(x_l.shape[0] + x_u.shape[0], 2, *x_l.shape[-2:]) + self.bias
+        return zeros[: x_l.shape[0]], zeros[x_l.shape[0] :]
+
+
+@pytest.mark.parametrize(("method", "views", "fp"), [("fixmatch", 1, 0), ("unimatch", 2, 3), ("allspark+", 2, 0)])
+def test_weak_to_strong_step_mixes_images_labels_and_guides_consistently(tmp_path, method, views, fp):
+    cfg = tiny_config(str(tmp_path), method=method, overrides=("data.synthetic.num_classes=2",))
+    b, h, w = 3, 4, 5
+    torch.manual_seed(0)
+    weak = torch.randn(b, 3, h, w)
+    batch_u = {
+        "image": weak,
+        "image_s1": weak + 0.01,  # strong views: the weak view slightly shifted, so labels follow pixels
+        "image_s2": weak - 0.01,
+        "cutmix_box1": torch.rand(b, h, w) > 0.5,
+        "cutmix_box2": torch.rand(b, h, w) > 0.5,
+        "ignore": torch.rand(b, h, w) > 0.8,
+    }
+    batch_l = {"image": torch.randn(2, 3, h, w), "mask": torch.randint(0, 2, (2, h, w))}
+    student = RecordingStudent()
+    ctx = StepContext(cfg, student, PixelTeacher(), build_loss("ce"), torch.device("cpu"))
+    out = weak_to_strong_step(ctx, batch_l, batch_u, use_memory=True)
+
+    ((x_l, x_u, kwargs),) = student.calls
+    assert torch.equal(x_l, batch_l["image"]) and x_u.shape[0] == b * views + fp
+    assert kwargs["fp_images"] == fp and kwargs["use_memory"] == (method == "allspark+")
+    parts = x_u.split(b)
+    if fp:
+        assert torch.equal(parts[0], weak)  # the perturbed stream decodes the weak view
+    for v, x_s in enumerate(parts[1:] if fp else parts, start=1):
+        expected = cutmix(batch_u[f"cutmix_box{v}"], batch_u[f"image_s{v}"])[0]
+        assert torch.equal(x_s, expected)
+    guide = kwargs["guide_logits"]
+    if method == "allspark+":
+        # The guide maps are the teacher's on the weak view, mixed like the images: they match the teacher on what
+        # the student sees (up to the 0.01 photometric shift).
+        assert guide.shape == (b * views, 2, h, w)
+        teacher_on_input = PixelTeacher()(x_u)
+        assert torch.allclose(guide, teacher_on_input, atol=0.21)
+        assert not torch.allclose(guide, PixelTeacher()(torch.cat([weak] * views)), atol=0.21)
+    else:
+        assert guide is None
+    # Unlabeled loss of zero logits: log(2) on kept pixels over valid ones, averaged as the recipe says.
+    labels, _, valid = pseudo_labels(PixelTeacher()(weak), 0.95, batch_u["ignore"])
+    per_view = []
+    for v in range(1, views + 1):
+        lab, val = cutmix(batch_u[f"cutmix_box{v}"], labels, valid)
+        per_view.append(math.log(2) * (lab != 255).sum().item() / val.sum().item())
+    strong = sum(per_view) / views
+    fp_loss = math.log(2) * (labels != 255).sum().item() / valid.sum().item()
+    expected_u = (strong + fp_loss) / 2 if fp else strong
+    assert out.logs["loss_u"].item() == pytest.approx(expected_u, rel=1e-5)
+    assert out.loss.item() == pytest.approx((math.log(2) + expected_u) / 2, rel=1e-5)
+    assert torch.equal(out.pseudo, labels)
+
+
+# ------------------------------------------------------------------------------------- every recipe learns
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+RECIPE_CASES = [
+    ("supervised", ()),
+    ("selftrain", ()),
+    ("allspark", ()),
+    ("fixmatch", ()),
+    ("unimatch", ()),
+    ("allspark+", ()),
+    ("allspark+", ("model.allspark.memory=false",)),  # the memory ablation reads no memory after the warm-up
+]
+
+
+@pytest.mark.parametrize(("method", "overrides"), RECIPE_CASES)
+def test_each_recipe_lowers_its_loss_on_a_fixed_batch(tmp_path, data_root, method, overrides):
+    cfg = tiny_config(
+        data_root,
+        method=method,
+        overrides=("semi.warmup_iterations=2", "semi.conf_thresh=0.6", "train.optimizer=adamw", *overrides)
+        if method != "supervised"
+        else ("train.optimizer=adamw",),
+        iterations=100,
+        lr=0.003,
+        lr_multi=1.0,
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
+    it_l, it_u = trainer._epoch_iterators(0, 0)
+    batch_l = next(it_l)
+    batch_u = next(it_u) if it_u is not None else None
+    assert trainer.recipe is RECIPES[method]
+    losses = []
+    for _ in range(16):
+        out = trainer.train_step(itertools.repeat(batch_l), itertools.repeat(batch_u) if batch_u else None)
+        losses.append(out.loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    if method != "supervised":
+        assert out.pseudo is not None and out.pseudo.shape == batch_u["image"].shape[:1] + batch_u["image"].shape[2:]
