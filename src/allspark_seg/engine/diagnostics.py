@@ -1,46 +1,101 @@
-"""Semi-supervised diagnostics computed at logging steps: pseudo-labels, confidence, memory state."""
+"""Semi-supervised diagnostics and collapse checks, computed at logging steps and validations.
+
+Pseudo-label statistics are accumulated as additive counts (:func:`pseudo_label_counts`, cheap, on the device, no
+host synchronisation) over every micro-step of a logging window, summed across processes, and turned into shares
+(:func:`stats_from_counts`) when a record is written. The collapse checks of the guard are small pure functions:
+:func:`miou_drop` and :func:`collapsed_classes`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..models.memory import SemanticMemory
 
-__all__ = ["memory_diversity", "pseudo_label_stats"]
+__all__ = [
+    "collapsed_classes",
+    "labeled_class_share",
+    "loss_ratio",
+    "memory_diversity",
+    "miou_drop",
+    "pseudo_label_counts",
+    "pseudo_label_stats",
+    "stats_from_counts",
+]
 
 IGNORE = 255
 
 
-def pseudo_label_stats(
+def pseudo_label_counts(
     pseudo: torch.Tensor, confidence: torch.Tensor, num_classes: int, target: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Class shares and confidence of pseudo-labels.
+    """Additive counts of one batch of pseudo-labels (sum them over steps and processes).
 
     Args:
-        pseudo: ``(B, H, W)`` int64, 255 where ignored.
+        pseudo: ``(B, H, W)`` int64, 255 where ignored (below the threshold or padding).
         confidence: ``(B, H, W)`` teacher top probability.
         num_classes: K.
         target: Optional ground truth ``(B, H, W)`` of the same images.
 
     Returns:
-        ``pseudo_share (K,)`` (fraction of kept pixels per class), ``pseudo_conf (K,)`` (mean confidence per class,
-        NaN where absent), ``kept_fraction`` (kept pixels / all pixels) and, with ``target``, ``pseudo_acc``
-        (accuracy over kept pixels whose ground truth is not ignored).
+        ``count (K,)`` kept pixels per class, ``conf_sum (K,)`` their summed confidence, ``kept`` and ``pixels``
+        (scalars) and, with ``target``, ``correct`` and ``checked`` (kept pixels with a non-ignored ground truth).
     """
     kept = pseudo != IGNORE
     labels = pseudo[kept]
-    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].float()
+    count = torch.bincount(labels, minlength=num_classes)[:num_classes].float()
     conf_sum = torch.zeros(num_classes, device=pseudo.device).index_add_(0, labels, confidence[kept].float())
-    stats = {
-        "pseudo_share": counts / counts.sum().clamp_min(1),
-        "pseudo_conf": conf_sum / counts.where(counts > 0, torch.nan),
-        "kept_fraction": kept.float().mean(),
+    counts = {
+        "count": count,
+        "conf_sum": conf_sum,
+        "kept": kept.sum().float(),
+        "pixels": torch.tensor(float(pseudo.numel()), device=pseudo.device),
     }
     if target is not None:
-        valid = kept & (target != IGNORE)
-        stats["pseudo_acc"] = (pseudo[valid] == target[valid]).float().mean() if valid.any() else torch.tensor(0.0)
+        checked = kept & (target != IGNORE)
+        counts["correct"] = (pseudo[checked] == target[checked]).sum().float()
+        counts["checked"] = checked.sum().float()
+    return counts
+
+
+def stats_from_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shares and means from (summed) :func:`pseudo_label_counts`.
+
+    Returns:
+        ``pseudo_share (K,)`` (fraction of kept pixels per class, zeros when nothing is kept), ``pseudo_conf (K,)``
+        (mean confidence per class, NaN where absent), ``kept_fraction`` (kept pixels / all pixels) and, when the
+        counts have ground truth, ``pseudo_acc`` (accuracy over checked pixels, NaN when none).
+    """
+    count = counts["count"]
+    stats = {
+        "pseudo_share": count / count.sum().clamp_min(1),
+        "pseudo_conf": counts["conf_sum"] / count.where(count > 0, torch.nan),
+        "kept_fraction": counts["kept"] / counts["pixels"].clamp_min(1),
+    }
+    if "checked" in counts:
+        checked = counts["checked"]
+        stats["pseudo_acc"] = counts["correct"] / checked.where(checked > 0, torch.nan)
     return stats
+
+
+def pseudo_label_stats(
+    pseudo: torch.Tensor, confidence: torch.Tensor, num_classes: int, target: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Class shares and confidence of one batch of pseudo-labels (:func:`stats_from_counts` of its counts)."""
+    return stats_from_counts(pseudo_label_counts(pseudo, confidence, num_classes, target))
+
+
+def loss_ratio(loss_x: torch.Tensor, loss_u: torch.Tensor) -> torch.Tensor:
+    """Labeled / unlabeled loss, NaN when the unlabeled loss is zero (every pseudo-label below the threshold).
+
+    A ratio that climbs means the unlabeled loss vanishes (the student reproduces confident pseudo-labels, or none
+    is confident); one that falls towards 0 means the labeled loss collapsed while the unlabeled one did not.
+    """
+    return loss_x / loss_u.where(loss_u > 0, torch.nan)
 
 
 @torch.no_grad()
@@ -56,3 +111,37 @@ def memory_diversity(memory: SemanticMemory) -> torch.Tensor:
     pair = pair * (1 - torch.eye(pair.shape[-1], device=pair.device))
     n = pair.sum(dim=(1, 2))
     return (gram * pair).sum(dim=(1, 2)) / n.where(n > 0, torch.nan)
+
+
+def labeled_class_share(masks: Iterable[np.ndarray], num_classes: int) -> torch.Tensor:
+    """``(K,)`` share of each class among the non-ignored pixels of the labeled masks (zeros without pixels)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for mask in masks:
+        values = np.asarray(mask).reshape(-1)
+        counts += np.bincount(values[values < num_classes], minlength=num_classes)[:num_classes]
+    return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
+
+
+def miou_drop(best: float, current: float) -> float:
+    """Points (percent) the current validation mIoU lies below the best; 0 before any best (``best < 0``)."""
+    if best < 0 or current != current:
+        return 0.0
+    return max(0.0, 100.0 * (best - current))
+
+
+def collapsed_classes(pseudo_share: torch.Tensor, labeled_share: torch.Tensor, min_share: float) -> list[int]:
+    """Classes present in the labeled data whose pseudo-label share fell below ``min_share`` x their labeled share.
+
+    Args:
+        pseudo_share: ``(K,)`` share of kept pseudo-labels per class.
+        labeled_share: ``(K,)`` share of labeled pixels per class.
+        min_share: Fraction of the labeled share under which a class counts as collapsed (0 disables the check).
+
+    Returns:
+        Sorted class indices.
+    """
+    if min_share <= 0:
+        return []
+    pseudo_share, labeled_share = pseudo_share.float().cpu(), labeled_share.float().cpu()
+    low = (labeled_share > 0) & (pseudo_share < min_share * labeled_share)
+    return [int(k) for k in torch.nonzero(low).flatten()]

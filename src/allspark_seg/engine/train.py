@@ -5,6 +5,12 @@ trains for ``train.iterations`` (or epochs) with the method's step, logs to ``OU
 and writes ``last.pt`` (every ``checkpoint_every`` iterations and at the end) and ``best.pt`` (on validation
 improvement). Resuming continues exactly: data order and augmentation depend only on (seed, epoch, index), and
 every generator state is restored.
+
+Every logging step writes the losses and the semi-supervised diagnostics of the logging window (pseudo-label class
+shares, confidence, kept fraction and accuracy summed over all its micro-steps and processes, the labeled/unlabeled
+loss ratio, memory fill and diversity). The collapse guard (``guard.*``) watches the validation mIoU at every
+evaluation and the pseudo-label class shares at every logging step, and stops the run or rolls it back to
+``best.pt`` (see :class:`CollapseGuard` and ``docs/recipes.md``).
 """
 
 from __future__ import annotations
@@ -35,17 +41,77 @@ from ..optim import build_optimizer, param_groups, set_lr
 from ..utils.progress import Progress
 from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_checkpoint, restore_rng
 from .data import DataBundle, prepare_data
-from .diagnostics import memory_diversity, pseudo_label_stats
+from .diagnostics import (
+    collapsed_classes,
+    labeled_class_share,
+    loss_ratio,
+    memory_diversity,
+    miou_drop,
+    pseudo_label_counts,
+    stats_from_counts,
+)
 from .evaluate import evaluate
 from .recipes import RECIPES, StepContext, StepOutput, ema_update, make_ema
 
-__all__ = ["FitResult", "TrainingDiverged", "build_model_from_config", "fit", "training_plan"]
+__all__ = [
+    "CollapseGuard",
+    "FitResult",
+    "TrainingCollapsed",
+    "TrainingDiverged",
+    "build_model_from_config",
+    "fit",
+    "training_plan",
+]
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(AllSparkError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+
+class TrainingCollapsed(AllSparkError):
+    """The collapse guard stopped the run (``guard.action=stop``, or too many rollbacks); ``best.pt`` is kept."""
+
+
+@dataclass
+class CollapseGuard:
+    """State of the collapse guard (saved in checkpoints, so a resumed run continues it).
+
+    Attributes:
+        lr_scale: Factor applied to the scheduled learning rate (``guard.lr_factor`` per rollback).
+        rollbacks: Rollbacks done so far.
+        strikes: Consecutive firing checks per kind (``miou``, ``classes``).
+        established: Classes whose pseudo-label share has reached ``guard.min_class_share`` x their labeled share at
+            some logging step; only these can collapse (a class the teacher has not learned yet has not *fallen*).
+    """
+
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+    strikes: dict[str, int] = field(default_factory=dict)
+    established: set[int] = field(default_factory=set)
+
+    def check(self, kind: str, fired: bool, patience: int) -> bool:
+        """Count a check of ``kind``; True when it fired ``patience`` times in a row (the counter then resets)."""
+        self.strikes[kind] = self.strikes.get(kind, 0) + 1 if fired else 0
+        if self.strikes[kind] >= patience:
+            self.strikes[kind] = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "strikes": dict(self.strikes),
+            "established": sorted(self.established),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_scale = float(state["lr_scale"])
+        self.rollbacks = int(state["rollbacks"])
+        self.strikes = {str(k): int(v) for k, v in state["strikes"].items()}
+        self.established = {int(k) for k in state.get("established", [])}
 
 
 @dataclass
@@ -106,11 +172,13 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
 def build_model_from_config(cfg: RunConfig) -> AllSparkSegmentor:
     """The model a resolved config describes (weights from ``model.pretrained`` when set)."""
     encoder: Any = cfg.model.encoder
+    kwargs = model_kwargs(cfg)
     if encoder.startswith("hf:"):
         from ..models.hf import build_hf_encoder
 
         encoder = build_hf_encoder(encoder[3:], pretrained=bool(cfg.model.pretrained))
-    return build_model(encoder, **model_kwargs(cfg))
+        kwargs["pretrained"] = None  # the weights (if any) came with the backbone
+    return build_model(encoder, **kwargs)
 
 
 def _autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -221,6 +289,7 @@ class Trainer:
         self.optimizer = build_optimizer(t.optimizer, groups, t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
         self.step, self.best_miou, self.best_step = 0, -1.0, -1
+        self.guard = CollapseGuard()
         self._resume(resume)
         net: nn.Module = self.model
         if env.distributed:
@@ -240,6 +309,21 @@ class Trainer:
         )
         self.recipe = RECIPES[cfg.method]
         self.writer = _Writer(out_dir, env.is_main, tensorboard=t.tensorboard)
+        self.pseudo_counts: dict[str, torch.Tensor] = {}
+        self.last_metrics: SegMetrics | None = None
+        self.labeled_share = self._labeled_share()
+
+    def _labeled_share(self) -> torch.Tensor | None:
+        """Class shares of the labeled masks, read once when the guard watches pseudo-label class shares."""
+        g = self.cfg.guard
+        if not (g.enabled and g.min_class_share > 0 and self.cfg.method != "supervised"):
+            return None
+        from ..data import load_mask
+
+        items = self.bundle.labeled.items
+        share = labeled_class_share((load_mask(i.mask, i.mask_encoding) for i in items), self.cfg.data.num_classes)
+        log.info("labeled class shares: %s", " ".join(f"{100 * v:.1f}%" for v in share.tolist()))
+        return share
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self, resume: str | Path | None) -> None:
@@ -257,6 +341,8 @@ class Trainer:
         restore_rng(saved["rng"])
         self.step = int(saved["step"])
         self.best_miou, self.best_step = float(saved["best_miou"]), int(saved["best_step"])
+        if saved.get("guard") is not None:
+            self.guard.load_state_dict(saved["guard"])
         log.info("resumed from %s at iteration %d", path, self.step)
 
     def state(self) -> dict[str, Any]:
@@ -272,6 +358,7 @@ class Trainer:
             "epoch": self.step // self.plan.steps_per_epoch,
             "best_miou": self.best_miou,
             "best_step": self.best_step,
+            "guard": self.guard.state_dict(),
             "config": self.cfg.to_dict(),
             "class_names": list(self.bundle.class_names),
             "palette": torch.as_tensor(self.bundle.palette),
@@ -310,7 +397,7 @@ class Trainer:
     # -- one optimiser step ---------------------------------------------------------------------------------------
     def train_step(self, it_l: Any, it_u: Any) -> StepOutput:
         cfg, t = self.cfg, self.cfg.train
-        set_lr(self.optimizer, self.step, self.plan.total, t.lr, t.poly_power)
+        set_lr(self.optimizer, self.step, self.plan.total, t.lr * self.guard.lr_scale, t.poly_power)
         self.optimizer.zero_grad(set_to_none=True)
         use_memory = self.step >= self.plan.warmup
         out: StepOutput | None = None
@@ -321,6 +408,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.net.no_sync():
                 out = self.recipe(self.ctx, batch_l, batch_u, use_memory=use_memory)
                 self.scaler.scale(out.loss / t.grad_accum).backward()
+            self._count_pseudo(out)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
@@ -329,8 +417,18 @@ class Trainer:
         assert out is not None
         return out
 
+    def _count_pseudo(self, out: StepOutput) -> None:
+        """Add a micro-step's pseudo-label counts to the logging window's (on the device, no synchronisation)."""
+        if out.pseudo is None or out.confidence is None:
+            return
+        counts = pseudo_label_counts(out.pseudo, out.confidence, self.cfg.data.num_classes, out.target_u)
+        for key, value in counts.items():
+            self.pseudo_counts[key] = self.pseudo_counts[key] + value if key in self.pseudo_counts else value
+
     # -- logging --------------------------------------------------------------------------------------------------
     def log_record(self, sums: dict[str, torch.Tensor], count: int, out: StepOutput, seconds: float) -> dict:
+        """The ``metrics.jsonl`` record of a logging window (losses averaged over its steps and the processes;
+        pseudo-label statistics over all its micro-steps and processes); resets the window's pseudo-label counts."""
         record: dict[str, Any] = {"type": "train", "step": self.step, "epoch": self.step / self.plan.steps_per_epoch}
         if self.env.distributed:  # losses averaged over processes: the loss of the global batch
             keys = sorted(sums)
@@ -340,11 +438,19 @@ class Trainer:
         record.update({k: _to_python(v / count) for k, v in sums.items()})
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["sec_per_iter"] = seconds / count
-        if out.pseudo is not None and out.confidence is not None:
-            stats = pseudo_label_stats(out.pseudo, out.confidence, self.cfg.data.num_classes, out.target_u)
+        if self.pseudo_counts:
+            counts = self.pseudo_counts
+            if self.env.distributed:
+                keys = sorted(counts)
+                flat = torch.cat([counts[k].reshape(-1) for k in keys])
+                torch.distributed.all_reduce(flat)
+                sizes = [counts[k].numel() for k in keys]
+                counts = {k: v.view_as(counts[k]) for k, v in zip(keys, flat.split(sizes), strict=True)}
+            stats = stats_from_counts(counts)
             record.update({k: _to_python(v) for k, v in stats.items()})
-            if "loss_u" in sums:
-                record["loss_ratio"] = _to_python(sums["loss_x"] / sums["loss_u"].clamp_min(1e-12))
+            self.pseudo_counts = {}
+        if "loss_u" in sums:
+            record["loss_ratio"] = _to_python(loss_ratio(sums["loss_x"], sums["loss_u"]))
         block = self.model.allspark
         if block is not None and block.memory is not None:
             record["memory_fill"] = _to_python(block.memory.fill())
@@ -390,6 +496,36 @@ class Trainer:
         )
         start_time = time.perf_counter()
         progress = Progress(plan.total, self.step, logger=log, enabled=env.is_main)
+        final: SegMetrics | None = None
+        try:
+            final = self._loop(progress)
+        except TrainingCollapsed as error:
+            progress.close()
+            self.writer.close()
+            if env.is_main and self.last_metrics is not None:
+                results = self._results(self.last_metrics) | {"stopped": str(error)}
+                (self.out_dir / "results.json").write_text(json.dumps(results, indent=2))
+            raise
+        progress.close()
+        if final is None:  # resumed after the end: evaluate what is there
+            final = self.validate()
+        self.writer.close()
+        if env.is_main:
+            log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
+            (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
+        return FitResult(
+            self.out_dir,
+            self.step,
+            self.best_miou,
+            self.best_step,
+            final,
+            self.writer.history,
+            time.perf_counter() - start_time,
+        )
+
+    def _loop(self, progress: Progress) -> SegMetrics | None:
+        """Train to the end; returns the metrics of the last evaluation (None when nothing was left to train)."""
+        cfg, plan, env = self.cfg, self.plan, self.env
         sums: dict[str, torch.Tensor] = {}
         count, window_start = 0, time.perf_counter()
         nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
@@ -412,6 +548,7 @@ class Trainer:
                 stats = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_x", "loss_u") if k in record)
                 progress.update(self.step, stats, log_line=True)
                 sums, count, window_start = {}, 0, time.perf_counter()
+                self._guard_classes(record)
             else:
                 progress.update(self.step)
             if self.step % plan.eval_every == 0 or last:
@@ -420,22 +557,7 @@ class Trainer:
             if self.step % cfg.train.checkpoint_every == 0 or last:
                 self._check_finite(nonfinite, sums, max(count, 1))
                 self.save(LAST)
-        progress.close()
-        if final is None:  # resumed after the end: evaluate what is there
-            final = self.validate()
-        self.writer.close()
-        if env.is_main:
-            log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
-            (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
-        return FitResult(
-            self.out_dir,
-            self.step,
-            self.best_miou,
-            self.best_step,
-            final,
-            self.writer.history,
-            time.perf_counter() - start_time,
-        )
+        return final
 
     def _results(self, metrics: SegMetrics) -> dict[str, Any]:
         return {
@@ -446,8 +568,94 @@ class Trainer:
             "final": metrics.to_dict(list(self.bundle.class_names)),
         }
 
+    # -- collapse guard -------------------------------------------------------------------------------------------
+    def _guard_classes(self, record: dict[str, Any]) -> None:
+        """Class-share check at a logging step, on classes the teacher had learned (see :class:`CollapseGuard`).
+
+        Skipped while no pixel is kept (nothing to judge) and before a best checkpoint exists (nothing to roll back
+        to); the classes above the bar are remembered in any case.
+        """
+        g = self.cfg.guard
+        if self.labeled_share is None or not record.get("kept_fraction"):
+            return
+        share = torch.tensor([float(v) for v in record["pseudo_share"]])
+        below = set(collapsed_classes(share, self.labeled_share, g.min_class_share))
+        low = sorted(below & self.guard.established)
+        self.guard.established |= set(range(len(share))) - below
+        if self.best_step < 0 or not self.guard.check("classes", bool(low), g.patience):
+            return
+        names = self.bundle.class_names
+        what = ", ".join(
+            f"'{names[k]}' {100 * share[k]:.2f}% (labeled {100 * self.labeled_share[k]:.2f}%)" for k in low
+        )
+        self._guard_act(
+            "classes",
+            f"pseudo-label class share collapsed at iteration {self.step}: {what} "
+            f"< guard.min_class_share={g.min_class_share} x the labeled share",
+        )
+
+    def _guard_miou(self, miou: float) -> bool:
+        """mIoU check at a validation; True when the guard rolled the model back."""
+        g = self.cfg.guard
+        drop = miou_drop(self.best_miou, miou)
+        if not (g.enabled and self.guard.check("miou", drop > g.miou_drop, g.patience)):
+            return False
+        self._guard_act(
+            "miou",
+            f"validation mIoU {100 * miou:.2f} at iteration {self.step} is {drop:.2f} points below the best "
+            f"{100 * self.best_miou:.2f} (iteration {self.best_step}), more than guard.miou_drop={g.miou_drop}",
+        )
+        return True
+
+    def _guard_act(self, kind: str, reason: str) -> None:
+        """Stop (raise :class:`TrainingCollapsed`) or roll back to ``best.pt``, as ``guard.action`` says."""
+        g = self.cfg.guard
+        best = self.out_dir / BEST
+        stop = g.action == "stop" or self.guard.rollbacks >= g.max_rollbacks
+        action = "stop" if stop else "rollback"
+        self.writer.write({"type": "guard", "step": self.step, "kind": kind, "action": action, "reason": reason})
+        if stop:
+            why = "guard.action=stop" if g.action == "stop" else f"guard.max_rollbacks={g.max_rollbacks} reached"
+            message = (
+                f"Training collapsed: {reason}. Stopped ({why}); the best model (iteration {self.best_step}, mIoU "
+                f"{100 * self.best_miou:.2f}) is {best}."
+            )
+            log.error(message)
+            raise TrainingCollapsed(message)
+        self.rollback(best)
+        log.warning(
+            "collapse guard: %s; rolled back to %s (iteration %d) and scaled the learning rate to %.3g x the "
+            "schedule (rollback %d of at most %d)",
+            reason,
+            best,
+            self.best_step,
+            self.guard.lr_scale,
+            self.guard.rollbacks,
+            g.max_rollbacks,
+        )
+
+    def rollback(self, path: Path) -> None:
+        """Reload weights, Semantic Memory, EMA teacher and optimiser state from ``path``; keep the iteration, the
+        data position, the random streams and the poly schedule; multiply the learning rate by ``guard.lr_factor``.
+
+        The window's pseudo-label counts and the guard's strike counters restart; ``last.pt`` is rewritten at once
+        so that a resumed run continues after the rollback.
+        """
+        if self.env.distributed:
+            torch.distributed.barrier()  # best.pt is written by rank 0
+        saved = load_checkpoint(path, map_location=self.env.device)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.guard.rollbacks += 1
+        self.guard.lr_scale *= self.cfg.guard.lr_factor
+        self.guard.strikes = {}
+        self.pseudo_counts = {}
+        self.save(LAST)
+
     def _evaluate_and_select(self) -> SegMetrics:
-        metrics = self.validate()
+        metrics = self.last_metrics = self.validate()
         record: dict[str, Any] = {"type": "eval", "step": self.step, "miou": metrics.miou}
         record.update({"miou_official": metrics.miou_official, "pixel_acc": metrics.pixel_acc})
         record["iou"] = [None if v != v else v for v in metrics.iou]
@@ -464,6 +672,9 @@ class Trainer:
             100 * self.best_miou,
             self.best_step,
         )
+        if self.cfg.guard.enabled and self._guard_miou(metrics.miou):
+            metrics = self.last_metrics = self.validate()  # the restored model's: final metrics match the weights
+            self.writer.write({"type": "eval", "step": self.step, "miou": metrics.miou, "rollback": True})
         return metrics
 
     def _check_finite(self, nonfinite: torch.Tensor, sums: dict[str, torch.Tensor], count: int) -> None:
