@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=6, help="classes including the background (2..10)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.set_defaults(func=cmd_synthetic)
+
+    from .experiment import add_experiment_parser  # the study runner's options live next to its logic
+
+    add_experiment_parser(sub)
     return parser
 
 
