@@ -443,9 +443,19 @@ def _mean_curve(curves: Sequence[dict[int, float]]) -> tuple[list[int], list[flo
     return steps, means, stds
 
 
+def _panel_and_line(setting: Setting, with_variants: bool) -> tuple[str, str]:
+    """Panel title and line label of a setting in the curves figure."""
+    grid = [f"{k}={v}" for k, v in setting.labels if k != "variant"]
+    if with_variants:
+        variant = " ".join(v for k, v in setting.labels if k == "variant")
+        return " ".join(grid) or "all runs", variant or setting.name
+    return " ".join(grid[1:]) or "all runs", (grid[0] if grid else setting.name)
+
+
 def plot_curves(settings: Sequence[Setting], runs: Sequence[RunSpec], path: Path) -> Path | None:
-    """Validation mIoU and training loss, mean ± std over seeds; one column of panels per value of the grid axes
-    after the first (e.g. per label budget), one line per variant and first grid value. None without matplotlib."""
+    """Validation mIoU (top) and training loss (bottom), mean ± std over seeds. With variants: one column of panels
+    per grid combination, one line per variant; without: one column per value of the grid axes after the first, one
+    line per value of the first. None without matplotlib."""
     try:
         import matplotlib
 
@@ -454,27 +464,25 @@ def plot_curves(settings: Sequence[Setting], runs: Sequence[RunSpec], path: Path
     except ImportError:
         log.info("matplotlib is not installed: no curves (pip install 'allspark-seg[viz]')")
         return None
-    panels: dict[str, list[Setting]] = {}
+    with_variants = any(k == "variant" for s in settings for k, _ in s.labels)
+    panels: dict[str, list[tuple[Setting, str]]] = {}
     for s in settings:
-        grid_labels = [f"{k}={v}" for k, v in s.labels if k != "variant"]
-        panels.setdefault(" ".join(grid_labels[1:]) or "all runs", []).append(s)
-    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+        title, label = _panel_and_line(s, with_variants)
+        panels.setdefault(title, []).append((s, label))
+    fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 9), squeeze=False)
+    styles = ["-", "--", ":", "-."]
     for col, (title, members) in enumerate(panels.items()):
-        for s in members:
-            folders = [r.folder for r in runs if r.setting.name == s.name]
-            per_run = [_curves(f) for f in folders]
-            label = " ".join(
-                [v for k, v in s.labels if k == "variant"] + [f"{k}={v}" for k, v in s.labels if k != "variant"][:1]
-            )
+        for i, (s, label) in enumerate(members):
+            per_run = [_curves(r.folder) for r in runs if r.setting.name == s.name]
             for row, curves in enumerate(([m for m, _ in per_run if m], [lo for _, lo in per_run if lo])):
                 steps, mean, std = _mean_curve(curves)
                 if not steps:
                     continue
                 ax = axes[row][col]
-                (line,) = ax.plot(steps, mean, label=label or s.name)
+                (line,) = ax.plot(steps, mean, styles[(i // 10) % len(styles)], label=label)
                 low = [m - d for m, d in zip(mean, std, strict=True)]
                 high = [m + d for m, d in zip(mean, std, strict=True)]
-                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
         axes[0][col].set_title(title)
         axes[0][col].set_ylabel("validation mIoU (%)")
         axes[1][col].set_ylabel("training loss")
@@ -482,7 +490,7 @@ def plot_curves(settings: Sequence[Setting], runs: Sequence[RunSpec], path: Path
             axes[row][col].set_xlabel("iteration")
             axes[row][col].grid(alpha=0.3)
         if axes[0][col].get_legend_handles_labels()[0]:
-            axes[0][col].legend(fontsize=8)
+            axes[0][col].legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
