@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .attention import blocked_attention, psi_scale
 from .layers import standardize
 from .memory import MemoryInit, SemanticMemory, channel_grouping
 
@@ -49,6 +50,11 @@ def _attention_weights(
         var = ((x - mean).square() * m).sum(dim=(-2, -1), keepdim=True) / count
         x = ((x - mean) * torch.rsqrt(var + eps)).masked_fill(~column_mask, float("-inf"))
     return dropout(x.softmax(dim=-1)).to(logits.dtype)
+
+
+def _exporting() -> bool:
+    """True while tracing for TorchScript or exporting to ONNX (the fused attention is a Python autograd Function)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _gather_from_all_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -196,10 +202,35 @@ class ChannelCrossAttention(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        q = self.q_l2u(z_l).transpose(1, 2)  # (B, 2C, N)
-        attn = _attention_weights(q @ keys, self.attn_dropout, column_mask)  # (B, 2C, S)
-        ctx = attn @ values.transpose(-1, -2)  # (B, 2C, N)
+        q = self.q_l2u(z_l)  # (B, N, 2C)
+        if keys.ndim == 2 and column_mask is None and not _exporting():
+            ctx = self._fused_cross_attention(q, keys, values)
+        else:
+            attn = _attention_weights(q.transpose(1, 2) @ keys, self.attn_dropout, column_mask)  # (B, 2C, S)
+            ctx = attn @ values.transpose(-1, -2)  # (B, 2C, N)
         return self.proj_dropout(self.out_l2u(ctx.transpose(1, 2)))
+
+    def _fused_cross_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The cross-attention with shared keys without the ``(B, 2C, S)`` logits (see :mod:`.attention`).
+
+        psi's standardisation becomes a per-sample scale of the queries (softmax ignores the mean shift), the
+        labeled samples' query channels are stacked as ``B * 2C`` rows against the shared key columns, and the
+        attention runs in row blocks with the dropout of ``attn_dropout`` on the weights. (The zero-initialised
+        memory with masked classes keeps the materialised path, where ``attn_dropout`` sees the weights.)
+
+        Args:
+            q: Queries ``(B, N, 2C)``.
+            keys: ``(N, S)``.
+            values: ``(N, S)``.
+
+        Returns:
+            ``(B, 2C, N)``.
+        """
+        b, n, d = q.shape
+        scale = psi_scale(q, keys)  # (B,)
+        rows = (q * scale[:, None, None]).transpose(1, 2).reshape(b * d, n)
+        p = self.attn_dropout.p if self.attn_dropout.training else 0.0
+        return blocked_attention(rows, keys, values, None, p).view(b, d, n)
 
     def forward(
         self, z_l: torch.Tensor, z_u: torch.Tensor | None, *, use_memory: bool = False, coupled: bool = True

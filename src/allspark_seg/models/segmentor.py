@@ -82,7 +82,9 @@ class AllSparkSegmentor(nn.Module):
         logits = self._logits(feats, x)
         if x_u is None:
             return logits, None
-        return logits[: x.shape[0]], logits[x.shape[0] :]
+        # split, not two slices: the gradient is assembled once instead of two zero-filled full-batch tensors
+        logits_l, logits_u = logits.split([x.shape[0], x_u.shape[0]])
+        return logits_l, logits_u
 
     def _features(
         self,

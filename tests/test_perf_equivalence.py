@@ -1,0 +1,260 @@
+"""The performance rewrites compute what the literal code computes: outputs and gradients within 1e-5 relative in
+float32 (about 1e-13 in float64).
+
+- SegFormer head with the fuse convolution folded into the per-stage projections, channels-last rows and the
+  row batch norm, against the official head (``official_reference.SegFormerHead``) with the same weights;
+- psi as a per-sample query scale from Gram matrices (:func:`psi_scale`) against the variance of the materialised
+  logits, including inputs with a large mean (no cancellation);
+- the row-blocked attention (:func:`blocked_attention`) against the materialised softmax attention, over several
+  blocks, with a column mask, with dropout (float64 gradcheck, reproducibility, keep rate);
+- the AllSpark cross-attention's fused path against its materialised path;
+- a whole model (several attention blocks, head width 256) against the literal official model: training logits
+  with the memory read, every gradient, the memory and the state after SGD steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import allspark_seg.models.attention as attention_module
+import official_reference as R
+from allspark_seg import build_model
+from allspark_seg.interop import FAITHFUL_OPTIONS, to_official_state_dict
+from allspark_seg.models.allspark import ChannelCrossAttention
+from allspark_seg.models.attention import blocked_attention, psi_scale
+from allspark_seg.models.head import SegFormerHead, folded_projections
+from allspark_seg.models.layers import standardize
+from conftest import no_dropout
+from test_parity_official import gradient_differences, official_step, our_step, rel
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+DIMS = (16, 32, 64, 128)
+
+
+def head_pair(dtype: torch.dtype, num_classes: int = 7, width: int = 96) -> tuple[SegFormerHead, R.SegFormerHead]:
+    torch.manual_seed(0)
+    ours = SegFormerHead(DIMS, num_classes, embed_dim=width, dropout=0.0)
+    ref = R.SegFormerHead(width, DIMS, num_classes)
+    ref.dropout.p = 0.0
+    with torch.no_grad():  # non-trivial batch-norm affine parameters and statistics
+        ours.linear_fuse.bn.weight.uniform_(0.5, 1.5)
+        ours.linear_fuse.bn.bias.normal_()
+        ours.linear_fuse.bn.running_var.uniform_(0.5, 2.0)
+    ref.load_state_dict(ours.state_dict())
+    return ours.to(dtype), ref.to(dtype)
+
+
+def stage_maps(dtype: torch.dtype, batch: int = 3, size: int = 33) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    sizes = [size]
+    for _ in range(3):
+        sizes.append((sizes[-1] + 1) // 2)
+    return [
+        (torch.randn(batch, c, s, s, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+        for c, s in zip(DIMS, sizes, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_folded_head_matches_the_official_head(dtype, training):
+    ours, ref = head_pair(dtype)
+    feats = stage_maps(dtype)
+    if not training:  # running statistics of this batch, so pre-activations are O(1) and the ReLU kink is not hit
+        ours.linear_fuse.bn.momentum = 1.0
+        with torch.no_grad():
+            ours([f.detach() for f in feats])
+        ref.load_state_dict(ours.state_dict())
+    ours.train(training)
+    ref.train(training)
+    ref_feats = [f.detach().clone().requires_grad_() for f in feats]
+    out, expected = ours(feats), ref(*ref_feats)
+    assert out.is_contiguous() and out.shape == expected.shape == (3, 7, 33, 33)
+    assert rel(out, expected) < TOL[dtype]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for f, g in zip(feats, ref_feats, strict=True):
+        assert rel(f.grad, g.grad) < TOL[dtype]
+    ref_params = dict(ref.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for name, p in ours.named_parameters():
+        other = ref_params[name].grad
+        if training and name.startswith("linear_c") and name.endswith(".bias"):
+            # a per-channel constant before a training-mode batch norm: the exact gradient is 0
+            assert float((p.grad - other).abs().max()) < TOL[dtype] * scale, name
+        else:
+            assert rel(p.grad, other) < TOL[dtype], name
+    for key, value in ref.state_dict().items():  # running statistics and the batch counter
+        mine = ours.state_dict()[key]
+        assert torch.equal(mine, value) if not value.is_floating_point() else rel(mine, value) < TOL[dtype], key
+
+
+def test_folded_head_accepts_channels_last_maps_and_momentum_none():
+    ours, ref = head_pair(torch.float32)
+    ours.linear_fuse.bn.momentum = None
+    ref.linear_fuse.bn.momentum = None
+    feats = [f.detach().contiguous(memory_format=torch.channels_last) for f in stage_maps(torch.float32)]
+    for _ in range(2):  # cumulative average over two batches
+        out, expected = ours(feats), ref(*feats)
+    assert rel(out, expected) < 1e-5
+    assert int(ours.linear_fuse.bn.num_batches_tracked) == 2
+    assert rel(ours.linear_fuse.bn.running_var, ref.linear_fuse.bn.running_var) < 1e-6
+
+
+def test_folded_projections_are_the_fuse_weight_slices_times_the_projections():
+    ours, _ = head_pair(torch.float64)
+    weights, bias = folded_projections(ours)
+    fuse = ours.linear_fuse.conv.weight.flatten(1)
+    width = 96
+    for i, w in enumerate(weights, start=1):
+        block = fuse[:, (4 - i) * width : (5 - i) * width]  # concatenation order c4, c3, c2, c1
+        proj = getattr(ours, f"linear_c{i}").proj
+        torch.testing.assert_close(w, block @ proj.weight, rtol=0, atol=1e-14)
+    expected = sum(
+        fuse[:, (4 - i) * width : (5 - i) * width] @ getattr(ours, f"linear_c{i}").proj.bias for i in (1, 2, 3, 4)
+    )
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# psi as a scale, and the blocked attention
+# ---------------------------------------------------------------------------------------------------------------------
+def materialised_psi_var(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    logits = q.double().transpose(1, 2) @ k.double()  # (B, D, S)
+    if mask is None:
+        return logits.var(dim=(1, 2), unbiased=False)
+    cols = logits[..., mask]
+    return cols.reshape(cols.shape[0], -1).var(dim=1, unbiased=False)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0], ids=["centred", "large-mean"])
+def test_psi_scale_matches_the_variance_of_the_logits(offset):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 25, 48, generator=gen) + offset
+    k = torch.randn(25, 300, generator=gen) * 2 + offset
+    expected = torch.rsqrt(materialised_psi_var(q, k) + 1e-5)
+    assert rel(psi_scale(q, k), expected) < 1e-6  # float32 Gram matrices, no E[A^2] - E[A]^2 cancellation
+    assert rel(psi_scale(q.double(), k.double()), expected) < 1e-13
+    mask = torch.rand(300, generator=gen) > 0.4
+    expected_masked = torch.rsqrt(materialised_psi_var(q, k, mask) + 1e-5)
+    assert rel(psi_scale(q.double(), k.double(), mask), expected_masked) < 1e-13
+
+
+def materialised_attention(q, k, v, bias=None):
+    logits = q @ k if bias is None else q @ k + bias
+    return logits.softmax(dim=-1) @ v.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-columns", "masked-columns"])
+def test_blocked_attention_matches_the_materialised_attention(monkeypatch, dtype, masked):
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 7 * 500)  # 7 rows per block: 6 blocks of 40 rows
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(40, 9, generator=gen, dtype=dtype) * 2).requires_grad_()
+    k = torch.randn(9, 500, generator=gen, dtype=dtype).requires_grad_()
+    v = torch.randn(9, 500, generator=gen, dtype=dtype).requires_grad_()
+    bias = None
+    if masked:
+        bias = torch.zeros(500, dtype=dtype).masked_fill(torch.arange(500) % 3 == 0, float("-inf"))
+    out = blocked_attention(q, k, v, bias)
+    expected = materialised_attention(q, k, v, bias)
+    assert rel(out, expected) < TOL[dtype]
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(ours, ref, strict=True):
+        assert rel(a, b) < TOL[dtype]
+
+
+def test_blocked_attention_dropout(monkeypatch):
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 3 * 7)  # blocks of 3 rows
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (
+        torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((8, 5), (5, 7), (5, 7))
+    )
+
+    def run(q, k, v):
+        torch.manual_seed(5)
+        return blocked_attention(q, k, v, None, 0.3)
+
+    assert torch.autograd.gradcheck(run, (q, k, v))  # the backward uses the forward's mask
+    assert torch.equal(run(q, k, v), run(q, k, v))  # reproducible from the seed
+    # keep rate and inverted scaling: with constant values every output is (kept weight) / 0.7
+    ones = torch.ones(5, 20000, dtype=torch.float64)
+    torch.manual_seed(6)
+    out = blocked_attention(torch.zeros(8, 5, dtype=torch.float64), ones, ones, None, 0.3)
+    kept = out * 0.7  # the fraction of uniform weights 1/S that survived, per row
+    assert abs(float(kept.mean()) - 0.7) < 0.005
+
+
+def test_blocked_attention_keeps_half_precision_inputs_in_their_dtype():
+    q = torch.randn(6, 4, dtype=torch.bfloat16)
+    k, v = torch.randn(4, 10, dtype=torch.bfloat16), torch.randn(4, 10, dtype=torch.bfloat16)
+    out = blocked_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    expected = materialised_attention(q.float(), k.float(), v.float())
+    assert rel(out.float(), expected) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fused_cross_attention_matches_the_materialised_path(monkeypatch, dtype):
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2**12)  # several blocks
+    torch.manual_seed(7)
+    attn = no_dropout(ChannelCrossAttention(32, 2, num_classes=5, grid=(3, 3))).to(dtype)
+    z_l = torch.randn(2, 9, 32, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        keys, values, _ = attn._memory_keys_values()  # (N, K * 2C) shared keys: the fused path
+    fused = attn.cross_attention(z_l, keys, values)
+    z_ref = z_l.detach().clone().requires_grad_()
+    per_sample = attn.cross_attention(z_ref, keys.expand(2, -1, -1), values.expand(2, -1, -1))  # materialised
+    assert rel(fused, per_sample) < TOL[dtype]
+    fused.sum().backward()
+    per_sample.sum().backward()
+    assert rel(z_l.grad, z_ref.grad) < TOL[dtype]
+    # and the materialised path is the literal psi: standardise, softmax, attend
+    with torch.no_grad():
+        q = attn.q_l2u(z_l).transpose(1, 2)
+        literal = attn.out_l2u((standardize(q @ keys).softmax(-1) @ values.T).transpose(1, 2))
+    assert rel(per_sample.detach(), literal) < TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A whole model against the literal official one (wider than the parity tests: several attention blocks)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_whole_model_matches_the_literal_model_with_memory_read(monkeypatch):
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2**15)  # 2 * 256 query rows against 6 * 256 keys
+    torch.manual_seed(8)
+    encoder = {"embed_dims": DIMS, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
+    options = {**FAITHFUL_OPTIONS, "encoder_options": encoder}
+    ours = no_dropout(build_model("mit_b0", num_classes=6, crop_size=65, head_dim=256, drop_path=0.0, **options))
+    ref = R.build_official_model(
+        6,
+        embed_dims=DIMS,
+        depths=(1, 1, 1, 1),
+        mit_heads=(1, 2, 4, 8),
+        drop_path_rate=0.0,
+        image_size=65,
+        warmup_epoch=0,
+        embedding_dim=256,
+    )
+    ref.load_state_dict(to_official_state_dict(ours))
+    ref = no_dropout(ref)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        x_l, x_u = torch.randn(2, 3, 65, 65, generator=gen), torch.randn(2, 3, 65, 65, generator=gen)
+        y_l = torch.randint(0, 6, (2, 65, 65), generator=gen)
+        t_ref, l_ref, u_ref = official_step(ref, x_l, x_u, y_l, epoch=0)
+        t_ours, l_ours, u_ours = our_step(ours, x_l, x_u, y_l, use_memory=True)
+        assert rel(t_ours, t_ref) < 1e-5
+        assert rel(l_ours, l_ref) < 1e-5 and rel(u_ours, u_ref) < 1e-5
+        assert max(gradient_differences(ours, ref).values()) < 1e-5
+        assert torch.equal(ours.allspark.memory.ptr, ref.decoder.allspark.attn.queue_ptr)
+        opt_ours.step()
+        opt_ref.step()
+    official = to_official_state_dict(ours)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(official[key], value) if not value.is_floating_point() else rel(official[key], value) < 1e-5
