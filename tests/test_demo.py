@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from allspark_seg import cli, viz
-from allspark_seg.demo import DEMO_CONFIG, QUICK_OVERRIDES, demo_config, run_demo
+from allspark_seg.demo import DEMO_CONFIG, QUICK_OVERRIDES, demo_config, run_demo, torch_threads
+from allspark_seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +103,13 @@ def test_prediction_grid_layout() -> None:
     assert (pixels[: grid.height - 2 * 44] < 128).all(axis=-1).any()  # dark title text above the tiles
     with pytest.raises(ValueError, match="one tile per title"):
         viz.prediction_grid([[tile]], ["a", "b"])
+
+
+def test_torch_threads_are_restored() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="at least 1"), torch_threads(0):
+        pass
+    assert torch.get_num_threads() == before

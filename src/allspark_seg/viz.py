@@ -69,6 +69,7 @@ def prediction_grid(
     tile: int = 160,
     nearest: Sequence[bool] | None = None,
     pad: int = 4,
+    legend: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Image.Image:
     """Lay images out in a grid with a title above each column.
 
@@ -80,6 +81,7 @@ def prediction_grid(
         nearest: Per column, resize with nearest neighbour (masks) instead of bilinear (photos); default: all
             columns but the first.
         pad: Gap between tiles.
+        legend: ``(name, (r, g, b))`` swatches drawn under the grid, e.g. the class colours.
 
     Returns:
         The grid as an RGB image on a white background.
@@ -92,8 +94,15 @@ def prediction_grid(
     header = max(probe.textbbox((0, 0), t, font=font)[3] for t in titles) + 2 * pad
     width = len(titles) * (tile + pad) + pad
     height = header + len(rows) * (tile + pad)
-    canvas = Image.new("RGB", (width, height), "white")
+    line = header - pad  # height of one legend line
+    entries = _legend_layout(legend, probe, font, width, pad, line)
+    rows_of_legend = 1 + max((y for _, _, y in entries), default=-1)
+    canvas = Image.new("RGB", (width, height + rows_of_legend * (line + pad) + (pad if entries else 0)), "white")
     draw = ImageDraw.Draw(canvas)
+    for (name, color), x, y in entries:
+        top = height + pad + y * (line + pad)
+        draw.rectangle([x, top, x + line - 1, top + line - 1], fill=tuple(int(c) for c in color), outline="gray")
+        draw.text((x + line + pad, top), name, fill="black", font=font)
     for c, title in enumerate(titles):
         box = draw.textbbox((0, 0), title, font=font)
         x = pad + c * (tile + pad) + (tile - (box[2] - box[0])) // 2
@@ -105,6 +114,25 @@ def prediction_grid(
             y = header + r * (tile + pad) + (tile - image.height) // 2
             canvas.paste(image, (x, y))
     return canvas
+
+
+def _legend_layout(
+    legend: Sequence[tuple[str, Sequence[int]]],
+    probe: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: int,
+    pad: int,
+    line: int,
+) -> list[tuple[tuple[str, Sequence[int]], int, int]]:
+    """Place legend entries left to right, wrapping at ``width``: ``[(entry, x, row), ...]``."""
+    placed, x, row = [], pad, 0
+    for entry in legend:
+        size = line + pad + probe.textbbox((0, 0), entry[0], font=font)[2] + 3 * pad
+        if x + size > width and x > pad:
+            x, row = pad, row + 1
+        placed.append((entry, x, row))
+        x += size
+    return placed
 
 
 def _figure(width: float, height: float) -> Any:
@@ -150,8 +178,7 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
         steps, values = _series(history, "eval", "miou")
         if steps:
             ax_miou.plot(steps, [100 * v for v in values], "o-", color=color, label=name, markersize=4)
-    ax_loss.set(title="Training losses", xlabel="iteration", ylabel="cross-entropy")
-    ax_loss.set_yscale("log")
+    ax_loss.set(title="Training losses", xlabel="iteration", ylabel="cross-entropy", ylim=(0, None))
     ax_miou.set(title="Validation mIoU", xlabel="iteration", ylabel="mIoU (%)")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
@@ -194,13 +221,14 @@ def plot_per_class_iou(
 
 @dataclass(frozen=True)
 class HtmlSection:
-    """One block of the page: a heading, an optional paragraph, an optional image (path relative to the page)
-    and an optional preformatted text (e.g. a table)."""
+    """One block of the page: a heading, an optional paragraph, an optional table (first row = header), an optional
+    image (path relative to the page) and an optional preformatted text."""
 
     title: str
     text: str = ""
     image: str | None = None
     pre: str | None = None
+    table: Sequence[Sequence[str]] = ()
 
 
 def write_index_html(path: str | Path, title: str, sections: Sequence[HtmlSection], *, intro: str = "") -> Path:
@@ -221,7 +249,9 @@ def write_index_html(path: str | Path, title: str, sections: Sequence[HtmlSectio
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "img{max-width:100%;border:1px solid #ddd}pre{background:#f6f8fa;padding:1em;overflow-x:auto;"
-        "font-size:13px}h2{border-bottom:1px solid #eee;padding-bottom:.2em}.note{color:#555}</style>",
+        "font-size:13px}h2{border-bottom:1px solid #eee;padding-bottom:.2em}.note{color:#555}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:.3em .8em;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}th{background:#f6f8fa}</style>",
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
@@ -231,6 +261,8 @@ def write_index_html(path: str | Path, title: str, sections: Sequence[HtmlSectio
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.text:
             parts.append(f'<p class="note">{html.escape(section.text)}</p>')
+        if section.table:
+            parts.append(_html_table(section.table))
         if section.pre is not None:
             parts.append(f"<pre>{html.escape(section.pre)}</pre>")
         if section.image is not None:
@@ -239,3 +271,13 @@ def write_index_html(path: str | Path, title: str, sections: Sequence[HtmlSectio
     out = Path(path)
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out
+
+
+def _html_table(rows: Sequence[Sequence[str]]) -> str:
+    head, *body = rows
+    cells = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    lines = [f"<table><thead><tr>{cells}</tr></thead><tbody>"]
+    for row in body:
+        lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)

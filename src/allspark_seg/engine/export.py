@@ -29,7 +29,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MissingExtraError
 from .predict import TrainedModel
 
-__all__ = ["EXPORT_FORMATS", "ExportReport", "InferenceGraph", "check_onnx", "export_onnx"]
+__all__ = ["EXPORT_FORMATS", "ExportReport", "InferenceGraph", "check_onnx", "check_sizes", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,23 @@ def check_onnx(
     return diffs
 
 
+def _export(graph: nn.Module, path: Path, size: tuple[int, int], opset: int) -> None:
+    """Trace ``graph`` on a random ``(1, 3, h, w)`` image into ``path`` with dynamic batch, height and width."""
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python shape arithmetic; checked at two sizes instead
+        torch.onnx.export(
+            graph,
+            (torch.randn(1, 3, *size),),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": axes, "logits": axes},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
 def export_onnx(
     trained: TrainedModel,
     out: str | Path,
@@ -153,38 +170,27 @@ def export_onnx(
     cfg = trained.cfg
     if cfg.model.allspark.enabled and not cfg.model.allspark.per_image_eval:
         raise ConfigError(
-            "This checkpoint was trained with model.allspark.per_image_eval=false (batch-coupled inference); "
-            "the exported graph attends per image, so export it with per-image inference or do not export it."
+            f"Checkpoint '{trained.path}' uses batch-coupled inference (model.allspark.per_image_eval=false), which "
+            "a graph with a dynamic batch cannot reproduce; ONNX export supports per-image inference only."
         )
     if size is None:
         crop = cfg.data.crop_size
         size = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
     if min(size) < 32:
         raise ConfigError(f"The export size must be at least 32x32 pixels, got {size[0]}x{size[1]}.")
+    if check:
+        _require("onnxruntime", "Checking the exported ONNX file")  # fail before the slow export, not after
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = trained.device
-    graph = InferenceGraph(trained.model).cpu().eval()  # moves the model; moved back below
-    example = torch.randn(1, 3, *size)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python shape arithmetic; checked below instead
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": axes, "logits": axes},
-            opset_version=opset,
-            dynamo=False,
-        )
-    proto = onnx.load(str(path))
-    for key, value in _metadata(trained).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    graph = InferenceGraph(trained.model).cpu().eval()  # moves the model to the CPU; moved back at the end
     try:
+        _export(graph, path, size, opset)
+        proto = onnx.load(str(path))
+        for key, value in _metadata(trained).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(path))
         diffs = check_onnx(path, graph, check_sizes(size)) if check else {}
     finally:
         trained.model.to(device)
