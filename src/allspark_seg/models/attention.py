@@ -22,6 +22,7 @@ not with the same random stream as ``nn.Dropout``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -81,6 +82,13 @@ def _block_rows(rows: int, cols: int) -> int:
     return max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast inside the kernel (it casts its inputs itself); devices without autocast need nothing."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     dtype = torch.float32
     for t in tensors:
@@ -103,7 +111,7 @@ class BlockedAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = _compute_dtype(q, k, v)
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_off(q.device):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             rows, cols = q.shape[0], k.shape[1]
@@ -142,7 +150,7 @@ class BlockedAttention(torch.autograd.Function):
         q, k, v, bias, out, lse, keep = ctx.saved_tensors
         p = ctx.p
         in_dtypes = ctx.in_dtypes
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_off(q.device):
             g = grad_out.to(q.dtype)
             rows, cols = q.shape[0], k.shape[1]
             step = _block_rows(rows, cols)
