@@ -1,0 +1,576 @@
+"""The measurements behind ``bench/run.py``. Each function runs in its own fresh process (started by ``run.py``), so
+the peak resident memory it reports belongs to that one configuration.
+
+Both sides of every comparison are built from the same seed with the same weights: the allspark-seg model first,
+then the literal official model from it (:func:`literal.literal_twin`). Our training iteration is the engine's
+``allspark`` recipe (:func:`allspark_seg.engine.recipes.self_training_step`); the literal one restates
+``train_allspark.py``. Both use faithful options (batch-coupled teacher, randn-initialised memory, logit grouping),
+read the memory, and run with dropout and drop-path on, as in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import os
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from literal import R, literal_optimizer, literal_train_step, literal_twin
+from torch import nn
+from torch.utils import flop_counter
+
+from allspark_seg import build_model
+from allspark_seg.config import load_config
+from allspark_seg.engine.recipes import StepContext, self_training_step
+from allspark_seg.interop import FAITHFUL_OPTIONS, official_key, to_official_state_dict
+from allspark_seg.losses import build_loss
+from allspark_seg.models import AllSparkSegmentor, SemanticMemory, channel_grouping
+from allspark_seg.optim import build_optimizer, param_groups
+
+__all__ = ["equivalence", "inference", "matmul_peak", "memory_update", "train_iteration"]
+
+HEAD_DIM = 768  # AllSpark's SegFormer head width
+LR, LR_MULTI = 1e-3, 10.0
+
+
+# -- process and timing helpers ---------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``, KiB on Linux), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Current resident set size from ``/proc/self/statm``, in MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    return {"times": times, "median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|`` (``b`` is the reference), in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas ``FlopCounterMode`` lacks on CPU: in-place ``addmm_`` and the CPU flash attention."""
+    aten = torch.ops.aten
+
+    def addmm_(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+        return flop_counter.addmm_flop(self_shape, a_shape, b_shape)
+
+    def sdpa_cpu(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    def sdpa_cpu_backward(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    return {
+        aten.addmm_: addmm_,
+        aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward,
+    }
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Matrix-multiply and convolution FLOPs (2 per multiply-add) of one call of ``fn``, backward included."""
+    mode = flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    with mode:
+        fn()
+    return int(mode.get_total_flops())
+
+
+# -- the machine ------------------------------------------------------------------------------------------------------
+def matmul_peak(size: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict[str, Any]:
+    """Achieved GFLOP/s of a large square matrix product (the ceiling the training FLOP/s is compared with)."""
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(torch_dtype)
+    b = torch.randn(size, size, generator=gen).to(torch_dtype)
+    out = torch.empty(size, size, dtype=torch_dtype)
+    times = timed(lambda: torch.mm(a, b, out=out), warmup=1, repeats=repeats)
+    return {**summary(times), "size": size, "dtype": dtype, "gflops": 2 * size**3 / statistics.median(times) / 1e9}
+
+
+# -- models and data --------------------------------------------------------------------------------------------------
+def build_ours(encoder: str, classes: int, crop: int, **overrides: Any) -> AllSparkSegmentor:
+    """Our model with the faithful options (official behaviour), seeded, head width 768."""
+    torch.manual_seed(0)
+    options = {**FAITHFUL_OPTIONS, **overrides}
+    return build_model(encoder, num_classes=classes, crop_size=crop, head_dim=HEAD_DIM, **options)
+
+
+def batch(crop: int, classes: int, size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labeled images, labels (a few ignored pixels) and unlabeled images, all from a fixed seed."""
+    gen = torch.Generator().manual_seed(1)
+    x_l = torch.randn(size, 3, crop, crop, generator=gen)
+    x_u = torch.randn(size, 3, crop, crop, generator=gen)
+    y_l = torch.randint(0, classes, (size, crop, crop), generator=gen)
+    y_l[:, :4] = 255
+    return x_l, y_l, x_u
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout-like rate to 0 (for the equivalence checks)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return model
+
+
+def our_step_fn(
+    model: AllSparkSegmentor, crop: int, classes: int, precision: str, channels_last: bool, compile_model: bool
+) -> Callable[[], torch.Tensor]:
+    """One engine ``allspark`` iteration (teacher pass, student pass, loss, backward, SGD step) as a closure."""
+    cfg = load_config(
+        {
+            "method": "allspark",
+            "data": {"crop_size": crop},
+            "train": {"iterations": 1, "precision": precision, "channels_last": channels_last},
+        }
+    )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer("sgd", param_groups(model, LR, LR_MULTI), LR, momentum=0.9, weight_decay=1e-4)
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if precision == "bf16":
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    net = torch.compile(model) if compile_model else model
+    ctx = StepContext(
+        cfg=cfg,
+        net=net,
+        teacher=None,
+        criterion_l=build_loss("ce"),
+        device=torch.device("cpu"),
+        autocast=autocast,
+        channels_last=channels_last,
+    )
+    x_l, y_l, x_u = batch(crop, classes)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        out = self_training_step(ctx, {"image": x_l, "mask": y_l}, {"image": x_u}, use_memory=True)
+        out.loss.backward()
+        optimizer.step()
+        return out.loss.detach()
+
+    return step
+
+
+def literal_step_fn(model: AllSparkSegmentor, crop: int, classes: int) -> Callable[[], torch.Tensor]:
+    """One literal ``train_allspark.py`` iteration as a closure (the allspark-seg model is not kept)."""
+    ref = literal_twin(model, crop)
+    optimizer = literal_optimizer(ref, LR, LR_MULTI)
+    x_l, y_l, x_u = batch(crop, classes)
+    return lambda: literal_train_step(ref, optimizer, x_l, y_l, x_u)
+
+
+# -- workloads --------------------------------------------------------------------------------------------------------
+def train_iteration(
+    impl: str,
+    encoder: str,
+    crop: int,
+    classes: int,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile_model: bool = False,
+    warmup: int = 1,
+    repeats: int = 5,
+    flops: bool = False,
+) -> dict[str, Any]:
+    """Median wall time and peak RSS of full ``allspark`` training iterations (memory read).
+
+    Args:
+        impl: ``ours`` or ``literal``.
+        encoder: MiT variant.
+        crop: Square crop (not a multiple of 32, as the official memory formula needs).
+        classes: K.
+        precision: ``fp32`` or ``bf16`` (autocast; ours only).
+        channels_last: Channels-last images and weights (ours only).
+        compile_model: ``torch.compile`` the model (ours only).
+        warmup: Untimed iterations first.
+        repeats: Timed iterations.
+        flops: Also count the FLOPs of one more iteration.
+    """
+    model = build_ours(encoder, classes, crop)
+    if impl == "ours":
+        step = our_step_fn(model, crop, classes, precision, channels_last, compile_model)
+    elif impl == "literal":
+        if precision != "fp32" or channels_last or compile_model:
+            raise ValueError("The literal baseline runs in fp32, contiguous, eager only.")
+        step = literal_step_fn(model, crop, classes)
+        del model
+    else:
+        raise ValueError(f"Unknown implementation {impl!r}.")
+    gc.collect()
+    rss_before = current_rss_mb()
+    start = time.perf_counter()
+    step()  # the first iteration (allocations, oneDNN primitives, compilation) is reported separately
+    first = time.perf_counter() - start
+    times = timed(step, warmup=max(warmup - 1, 0), repeats=repeats)
+    out = {**summary(times), "first": first, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+    if flops:
+        out["flops"] = count_flops(step)
+    return out
+
+
+def memory_update(
+    classes: int = 81, batch_u: int = 4, channels: int = 512, grid: int = 17, warmup: int = 3, repeats: int = 20
+) -> dict[str, Any]:
+    """The Semantic Memory update alone: the official per-sample, per-class loop vs the vectorised enqueue.
+
+    Both start from the same memory and receive the same channel maps and classes (from the channel grouping of
+    random LayerNormed features against random guide logits); they must end in the same state.
+    """
+    n = grid * grid
+    torch.manual_seed(0)
+    literal = R.CrossAttnMem(2, channels, 0.1, classes, n)
+    ours = SemanticMemory(classes, channels, (grid, grid))
+    ours.bank.copy_(literal.kv_queue)
+    gen = torch.Generator().manual_seed(1)
+    z_u = nn.functional.layer_norm(torch.randn(batch_u, n, channels, generator=gen), (channels,))
+    guide = torch.randn(batch_u, classes, grid, grid, generator=gen)
+    cls = channel_grouping(z_u, guide, (grid, grid))  # (B_u, C)
+
+    def run_literal() -> None:
+        for b in range(batch_u):
+            literal._dequeue_and_enqueue(z_u[b], cls[b])
+
+    def run_ours() -> None:
+        ours.enqueue(z_u.transpose(1, 2).reshape(-1, n), cls.reshape(-1))
+
+    t_lit = timed(run_literal, warmup, repeats)
+    t_ours = timed(run_ours, warmup, repeats)
+    same = torch.equal(ours.ptr, literal.queue_ptr) and torch.equal(ours.bank, literal.kv_queue)
+    return {
+        "literal": summary(t_lit),
+        "ours": summary(t_ours),
+        "same_state": bool(same),
+        "classes_per_sample": [int(c.unique().numel()) for c in cls],
+        "shape": {"K": classes, "B_u": batch_u, "C": channels, "N": n},
+    }
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _ImageToLogits(nn.Module):
+    """``image -> logits`` with a single positional input, as the TorchScript-based exporter wants it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Trace the eval model at the size of ``x`` (static shapes) into an ONNX file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _ImageToLogits(model).eval(),
+            (x,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def inference(
+    encoder: str = "mit_b0",
+    size: int = 512,
+    classes: int = 21,
+    warmup: int = 2,
+    repeats: int = 10,
+    onnx: bool = True,
+    bf16: bool = True,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Single-image inference latency: ours (fp32, bf16 autocast, onnxruntime) and the literal model (same weights).
+
+    Ours uses its default per-image inference (the cross branch only, once); the literal model duplicates the
+    input and computes the discarded self-attention branch. Also checks that both give the same logits.
+    """
+    model = build_ours(encoder, classes, 513, per_image_eval=True).eval()  # 513: the official 17 x 17 memory grid
+    ref = literal_twin(model, 513).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    results: dict[str, Any] = {}
+
+    def torch_run(m: nn.Module, bf16: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return m(x)
+
+        return run
+
+    for name, m in (("ours", model), ("literal", ref)):
+        for precision in ("fp32", "bf16") if bf16 else ("fp32",):
+            results[f"{name} {precision}"] = summary(timed(torch_run(m, precision == "bf16"), warmup, repeats))
+    with torch.inference_mode():
+        ours_out, ref_out = model(x), ref(x)
+    checks = {"ours vs literal (fp32)": rel(ours_out, ref_out)}
+    if onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, m, expected in (("ours", model, ours_out), ("literal", ref, ref_out)):
+                path = Path(tmp) / f"{name}.onnx"
+                _export_onnx(m, x, path)
+                session = _ort_session(path, threads)
+                feed = {"image": x.numpy()}
+                results[f"{name} onnxruntime"] = summary(
+                    timed(lambda s=session, f=feed: s.run(None, f), warmup, repeats)
+                )
+                checks[f"{name} onnxruntime vs PyTorch"] = rel(torch.from_numpy(session.run(None, feed)[0]), expected)
+    return {"latency": results, "checks": checks, "size": size, "encoder": encoder, "classes": classes}
+
+
+def _gradient_errors(
+    model: nn.Module, truth: nn.Module, key: Callable[[str], str] = lambda n: n, norm: bool = False
+) -> dict[str, float]:
+    """Per-parameter relative gradient error against ``truth``: ``max |d| / max |g|`` (or ``||d|| / ||g||`` with
+    ``norm``). The head's per-stage biases feed a training-mode batch norm that removes them: their exact gradient
+    is 0, so they are compared relative to the largest gradient of the model."""
+    true_params = dict(truth.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in truth.parameters() if p.grad is not None)
+    out = {}
+    for name, p in model.named_parameters():
+        mine, other = p.grad.double(), true_params[key(name)].grad.double()
+        if "linear_c" in name and name.endswith(".bias"):
+            out[name] = float((mine - other).abs().max()) / scale
+        elif norm:
+            out[name] = float((mine - other).norm() / other.norm().clamp_min(1e-30))
+        else:
+            out[name] = rel(mine, other)
+    return out
+
+
+def _iteration(model: nn.Module, literal: bool, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor) -> tuple:
+    """The official iteration up to backward (dropout off): teacher logits, student logits (labeled, unlabeled)."""
+    dtype = next(model.parameters()).dtype
+    x_l, x_u = x_l.to(dtype), x_u.to(dtype)
+    with torch.no_grad():
+        model.eval()
+        teacher = model(x_u)
+    model.train()
+    if literal:
+        model.decoder.set_pseudo_prob_map(teacher)
+        model.decoder.set_SMem_status(epoch=model.decoder.warmup_epoch)
+        logits_l, logits_u = model(torch.cat([x_l, x_u])).split([x_l.shape[0], x_u.shape[0]])
+    else:
+        logits_l, logits_u = model(x_l, x_u, guide_logits=teacher, use_memory=True)
+    loss = nn.functional.cross_entropy(logits_l, y_l, ignore_index=255)
+    loss = (loss + nn.functional.cross_entropy(logits_u, teacher.argmax(dim=1))) / 2
+    model.zero_grad()
+    loss.backward()
+    return teacher, logits_l, logits_u
+
+
+def equivalence(encoder: str = "mit_b0", crop: int = 257, classes: int = 81, steps: int = 2) -> dict[str, Any]:
+    """Our model against the literal one with the same weights, dropout off, the memory read, ``steps`` SGD steps.
+
+    - float64: ours vs literal (teacher logits, training logits, every gradient, the memory, the state after the
+      steps): the algorithms are the same up to rounding, so the differences are ~1e-13.
+    - float32: ours vs literal logits; and the gradient error of each implementation against its float64 run (the
+      literal code's own float32 error reaches 1e-4..1e-3 for some parameters at this size, so "ours vs literal"
+      in float32 would measure the literal code's rounding, not ours).
+    """
+    base = no_dropout(build_ours(encoder, classes, crop, drop_path=0.0))
+    models = {"ours": base, "literal": literal_twin(base, crop)}
+    models = {
+        **{f"{k} float32": v for k, v in models.items()},
+        **{f"{k} float64": copy.deepcopy(v).double() for k, v in models.items()},
+    }
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for k, m in models.items()}
+    worst: dict[str, float] = {}
+    worst_param: dict[str, tuple[str, float]] = {}
+    literal_at_ours_worst = 0.0
+
+    def record(key: str, value: float) -> None:
+        worst[key] = max(worst.get(key, 0.0), value)
+
+    for step in range(steps):
+        x_l, y_l, x_u = batch(crop, classes)
+        x_l, x_u = x_l + step, x_u - step  # a different batch per step
+        outs = {k: _iteration(m, k.startswith("literal"), x_l, y_l, x_u) for k, m in models.items()}
+        for dtype in ("float64", "float32"):
+            o, li = outs[f"ours {dtype}"], outs[f"literal {dtype}"]
+            record(f"{dtype}: teacher logits, ours vs literal", rel(o[0], li[0]))
+            record(f"{dtype}: training logits, ours vs literal", max(rel(o[1], li[1]), rel(o[2], li[2])))
+        ours64, lit64 = models["ours float64"], models["literal float64"]
+        ours32, lit32 = models["ours float32"], models["literal float32"]
+        comparisons = {
+            "float64: gradients, ours vs literal": _gradient_errors(ours64, lit64, official_key),
+            "float32: gradients, ours vs float64": _gradient_errors(ours32, ours64),
+            "float32: gradients, literal vs float64": _gradient_errors(lit32, lit64),
+            "float32: gradients (norm-wise), ours vs float64": _gradient_errors(ours32, ours64, norm=True),
+            "float32: gradients (norm-wise), literal vs float64": _gradient_errors(lit32, lit64, norm=True),
+        }
+        for label, errors in comparisons.items():
+            name = max(errors, key=errors.get)
+            record(label, errors[name])
+            if errors[name] >= worst_param.get(label, ("", -1.0))[1]:
+                worst_param[label] = (name, errors[name])
+                if label == "float32: gradients, ours vs float64":  # the literal code's error on the same gradient
+                    literal_at_ours_worst = comparisons["float32: gradients, literal vs float64"][official_key(name)]
+        for dtype in ("float64", "float32"):
+            mem, lit = models[f"ours {dtype}"].allspark.memory, models[f"literal {dtype}"].decoder.allspark.attn
+            record(f"{dtype}: memory bank, ours vs literal", rel(mem.bank, lit.kv_queue))
+            record(f"{dtype}: memory pointers differ", float(not torch.equal(mem.ptr, lit.queue_ptr)))
+        for opt in optimizers.values():
+            opt.step()
+    for dtype in ("float64", "float32"):
+        official = to_official_state_dict(models[f"ours {dtype}"])
+        reference = models[f"literal {dtype}"].state_dict()
+        diff = max(rel(v, reference[k]) for k, v in official.items() if v.is_floating_point())
+        record(f"{dtype}: state after {steps} SGD steps, ours vs literal", diff)
+    return {
+        "max_rel": worst,
+        "worst_parameter": {k: v[0] for k, v in worst_param.items()},
+        "literal_error_at_ours_worst": literal_at_ours_worst,
+        "encoder": encoder,
+        "crop": crop,
+        "classes": classes,
+        "steps": steps,
+    }
+
+
+# -- where the time goes, and FLOPs at the paper's sizes ------------------------------------------------------------
+def _component_closures(
+    impl: str, model: AllSparkSegmentor, crop: int, classes: int, device: str = "cpu"
+) -> dict[str, Callable[[], Any]]:
+    """One closure per part of a training iteration, each running forward and backward of that part alone with
+    fixed random upstream gradients: teacher pass, encoder, AllSpark block, head, loss (upsampling + cross-entropy),
+    SGD step. ``device="meta"`` builds shape-only closures for FLOP counting."""
+    x_l, y_l, x_u = (t.to(device) for t in batch(crop, classes))
+    x = torch.cat([x_l, x_u])
+    net: nn.Module
+    if impl == "literal":
+        net = literal_twin(model, crop).to(device)
+        encoder, block, head = net.backbone, net.decoder.allspark, net.decoder.decoder
+        if device == "meta":  # the per-class loop reads values on the host; it has no FLOPs
+            block.attn._dequeue_and_enqueue = lambda *args: None
+    else:
+        net = model.to(device)
+        encoder, block, head = net.encoder, net.allspark, net.head
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+    with torch.no_grad():
+        net.eval()
+        teacher = net(x_u)
+        net.train()
+        feats = [f.detach().requires_grad_() for f in encoder(x)]
+        if impl == "literal":
+            net.decoder.set_pseudo_prob_map(teacher)
+            net.decoder.set_SMem_status(epoch=net.decoder.warmup_epoch)
+            e4 = block(feats[3], None, teacher, True)
+        else:
+            e4 = torch.cat(block(feats[3][:2], feats[3][2:], guide_logits=teacher, use_memory=True))
+        head_in = [*feats[:3], e4.detach().requires_grad_()]
+        logits = (head(head_in) if impl == "ours" else head(*head_in)).detach().requires_grad_()
+    grads = [torch.randn_like(f) for f in feats]
+    head_grad = torch.randn_like(logits)
+    pseudo = teacher.argmax(dim=1)
+
+    def teacher_pass() -> None:
+        with torch.no_grad():
+            net.eval()
+            net(x_u)
+            net.train()
+
+    def encoder_part() -> None:
+        torch.autograd.backward(encoder(x), grads)
+
+    def block_part() -> None:
+        if impl == "literal":
+            out = block(feats[3], None, teacher, True)
+        else:
+            out = torch.cat(block(feats[3][:2], feats[3][2:], guide_logits=teacher, use_memory=True))
+        out.backward(grads[3])
+
+    def head_part() -> None:
+        out = head(head_in) if impl == "ours" else head(*head_in)
+        out.backward(head_grad)
+
+    def loss_part() -> None:
+        up = nn.functional.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+        pred_l, pred_u = up.split([2, 2])
+        loss = nn.functional.cross_entropy(pred_l, y_l, ignore_index=255) + nn.functional.cross_entropy(pred_u, pseudo)
+        (loss / 2).backward()
+
+    def optimizer_step() -> None:
+        optimizer.step()
+
+    return {
+        "teacher pass": teacher_pass,
+        "encoder fwd+bwd": encoder_part,
+        "AllSpark block fwd+bwd": block_part,
+        "head fwd+bwd": head_part,
+        "loss (upsample + CE) fwd+bwd": loss_part,
+        "SGD step": optimizer_step,
+    }
+
+
+def components(impl: str, encoder: str, crop: int, classes: int, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Median time and FLOPs of each part of a training iteration (``impl`` = ``ours`` or ``literal``)."""
+    model = build_ours(encoder, classes, crop)
+    parts = _component_closures(impl, model, crop, classes)
+    out: dict[str, Any] = {}
+    for name, fn in parts.items():
+        times = timed(fn, warmup, repeats)
+        out[name] = {**summary(times), "flops": count_flops(fn)}
+    out["peak_rss_mb"] = peak_rss_mb()
+    params = sum(p.numel() for p in model.parameters())
+    return {"parts": out, "params": params, "impl": impl, "encoder": encoder, "crop": crop, "classes": classes}
+
+
+def flops_at(encoder: str, crop: int, classes: int) -> dict[str, Any]:
+    """FLOPs of each part of a training iteration for both implementations, counted on the meta device (shapes
+    only: no memory, no compute), for sizes this machine cannot run, such as MiT-B5 at 801."""
+    result = {}
+    model = build_ours(encoder, classes, crop)
+    params = sum(p.numel() for p in model.parameters())
+    for impl in ("literal", "ours"):  # the literal twin is built from the real weights before ours moves to meta
+        parts = _component_closures(impl, model, crop, classes, device="meta")
+        result[impl] = {name: count_flops(fn) for name, fn in parts.items()}
+        del parts
+        gc.collect()
+    return {"flops": result, "params": params, "encoder": encoder, "crop": crop, "classes": classes}
