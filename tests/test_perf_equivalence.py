@@ -258,3 +258,32 @@ def test_whole_model_matches_the_literal_model_with_memory_read(monkeypatch):
     official = to_official_state_dict(ours)
     for key, value in ref.state_dict().items():
         assert torch.equal(official[key], value) if not value.is_floating_point() else rel(official[key], value) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The memory update: strided (B, C, N) views, with and without ring overflow, against the official loop
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("length", "classes"), [(48, 5), (16, 2)], ids=["no-overflow", "overflow"])
+def test_enqueue_of_transposed_tokens_matches_the_official_loop(length, classes):
+    """3 samples x 16 channels per update. With L = 16 and 2 classes, a class receives more than L maps in one
+    update (our general path, keeping the last L); the official loop, one sample at a time, stays valid (it needs
+    at most L maps per class and sample)."""
+    from allspark_seg.models import SemanticMemory
+
+    gen = torch.Generator().manual_seed(10)
+    official = R.CrossAttnMem(1, 16, 0.0, classes, 9)
+    official.SMem_size = length
+    official.kv_queue = torch.randn(classes, length, 9, generator=gen)
+    ours = SemanticMemory(classes, length, (3, 3))
+    ours.bank.copy_(official.kv_queue)
+    overflowed = False
+    for _ in range(3):
+        tokens = torch.randn(3, 9, 16, generator=gen)  # (B, N, C): each sample's 16 channel maps of 9 positions
+        labels = torch.randint(0, classes, (3, 16), generator=gen)
+        overflowed |= int(torch.bincount(labels.reshape(-1), minlength=classes).max()) > length
+        for b in range(3):
+            official._dequeue_and_enqueue(tokens[b], labels[b])
+        ours.enqueue(tokens.transpose(1, 2), labels)
+        assert torch.equal(ours.ptr, official.queue_ptr)
+        assert torch.equal(ours.bank, official.kv_queue)
+    assert overflowed == (length == 16)

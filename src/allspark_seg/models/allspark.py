@@ -148,11 +148,10 @@ class ChannelCrossAttention(nn.Module):
         classes = channel_grouping(
             z_u, guide, grid, use_probs=self.grouping == "probs", resize=self.grouping_resize
         )  # (B_u, C)
-        maps = z_u.transpose(1, 2).reshape(-1, z_u.shape[1])  # (B_u * C, N), samples then channels
-        flat = classes.reshape(-1)
+        maps, local = z_u.transpose(1, 2), classes  # (B_u, C, N) channel maps (a view), samples then channels
         if self.gather_memory:
-            maps, flat = _gather_from_all_ranks(maps), _gather_from_all_ranks(flat)
-        self.memory.enqueue(maps, flat)
+            maps, local = _gather_from_all_ranks(maps), _gather_from_all_ranks(local)
+        self.memory.enqueue(maps, local)
         return classes
 
     def _memory_keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

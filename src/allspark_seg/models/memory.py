@@ -83,6 +83,20 @@ def ring_buffer_slots(
     return cls, slot, src, (ptr + counts) % length
 
 
+def _rows(maps: torch.Tensor) -> torch.Tensor:
+    """Channel maps ``(..., N)`` as contiguous rows ``(M, N)``.
+
+    A transposed ``(B, C, N)`` view of ``(B, N, C)`` tokens is copied one sample at a time: PyTorch copies a
+    transposed 2-D matrix with a blocked kernel, about 1.5x faster than its generic strided 3-D copy.
+    """
+    if maps.dim() == 3 and maps.stride(1) == 1 and maps.stride(2) == maps.shape[1]:
+        out = torch.empty(maps.shape, dtype=maps.dtype, device=maps.device)
+        for b in range(maps.shape[0]):
+            out[b].copy_(maps[b])
+        return out.view(-1, maps.shape[-1])
+    return maps.reshape(-1, maps.shape[-1])
+
+
 class SemanticMemory(nn.Module):
     """Per-class FIFO memory of unlabeled channel maps.
 
@@ -117,13 +131,25 @@ class SemanticMemory(nn.Module):
         """Write channel maps into their classes' ring buffers.
 
         Args:
-            maps: ``(M, N)`` channel maps in enqueue order (samples in batch order, channels ascending).
-            classes: ``(M,)`` class of each map.
+            maps: ``(..., N)`` channel maps in enqueue order (row-major over the leading dimensions: samples in
+                batch order, channels ascending), e.g. ``(M, N)`` or a strided ``(B, C, N)`` view.
+            classes: ``(...)`` class of each map (the leading shape of ``maps``).
         """
-        cls, slot, src, new_ptr = ring_buffer_slots(classes.reshape(-1), self.ptr, self.length)
-        rows = maps.detach().to(self.bank.dtype).index_select(0, src)  # 3x faster than maps[src] on CPU
-        self.bank.index_put_((cls, slot), rows)
-        self.filled.index_put_((cls, slot), torch.ones_like(slot, dtype=torch.bool))
+        flat = classes.reshape(-1)
+        cls, slot, src, new_ptr = ring_buffer_slots(flat, self.ptr, self.length)
+        values = _rows(maps.detach().to(self.bank.dtype))  # (M, N)
+        if values.device.type == "cpu" and int(torch.bincount(flat, minlength=self.num_classes).max()) <= self.length:
+            # No class overflows its ring (the usual case; on a CPU the check costs no synchronisation): every map
+            # owns its slot, so the maps are copied in their own order to their rows of the flattened bank.
+            item_slot = torch.empty_like(slot)
+            item_slot[src] = slot  # src is a permutation here
+            rows = flat * self.length + item_slot
+            self.bank.view(-1, values.shape[1]).index_copy_(0, rows, values)
+            self.filled.view(-1).index_fill_(0, rows, True)
+        else:
+            values = values.index_select(0, src)  # colliding writes carry equal values: deterministic scatter
+            self.bank.index_put_((cls, slot), values)
+            self.filled.index_put_((cls, slot), torch.ones((), dtype=torch.bool, device=slot.device))
         self.ptr.copy_(new_ptr)
 
     def class_mask(self) -> torch.Tensor:
