@@ -24,19 +24,21 @@ STYLE = {"literal": {"linestyle": "--", "marker": "o"}, "ours": {"linestyle": "-
 
 
 def train_points(path: Path, encoder: str = "mit_b0") -> dict[tuple[str, int, int], dict[str, float]]:
-    """``(impl, crop, K) -> {"time", "memory"}`` for the fp32, contiguous, eager rows of one encoder."""
+    """``(impl, crop, K) -> {"time", "memory"}`` (seconds, GiB) for the fp32 literal and ours rows of one encoder."""
     records = json.loads(path.read_text())["records"]
-    points = {}
+    points: dict[tuple[str, int, int], dict[str, float]] = {}
     for r in records:
         k = r["kwargs"]
-        if r["kind"] != "train_iteration" or "result" not in r or k["encoder"] != encoder:
+        if "result" not in r or k.get("encoder") != encoder:
             continue
-        if k["precision"] != "fp32" or k["channels_last"] or k["compile_model"]:
-            continue
-        points[(k["impl"], k["crop"], k["classes"])] = {
-            "time": r["result"]["median"],
-            "memory": r["result"]["peak_rss_mb"] / 1024,
-        }
+        if r["kind"] == "train_pair" and k["base"]["impl"] == "literal":
+            for impl, side in (("literal", "base"), ("ours", "other")):
+                points.setdefault((impl, k["crop"], k["classes"]), {})["time"] = r["result"][side]["median"]
+        elif r["kind"] == "train_memory":
+            v = k["variant"]
+            if v["impl"] == "literal" or (v.get("precision") == "fp32" and not v.get("channels_last")):
+                key = (v["impl"], k["crop"], k["classes"])
+                points.setdefault(key, {})["memory"] = r["result"]["peak_rss_mb"] / 1024
     return points
 
 
@@ -44,7 +46,9 @@ def _panel(ax: Any, points: dict, x_index: int, group_index: int, metric: str, x
     groups = sorted({key[group_index] for key in points})
     for impl in ("literal", "ours"):
         for g in groups:
-            selected = [(key, v) for key, v in points.items() if key[0] == impl and key[group_index] == g]
+            selected = [
+                (key, v) for key, v in points.items() if key[0] == impl and key[group_index] == g and metric in v
+            ]
             rows = sorted((key[x_index], v[metric]) for key, v in selected)
             if rows:
                 xs, ys = zip(*rows, strict=True)

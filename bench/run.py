@@ -54,8 +54,8 @@ class Task:
     """One measurement, run in its own process.
 
     Attributes:
-        kind: A function of ``workloads``: ``matmul_peak``, ``equivalence``, ``memory_update``, ``inference`` or
-            ``train_iteration``.
+        kind: A function of ``workloads``: ``matmul_peak``, ``equivalence``, ``memory_update``, ``inference``,
+            ``train_pair``, ``train_memory``, ``components`` or ``flops_at``.
         kwargs: Its keyword arguments.
         label: Short description for the progress lines.
     """
@@ -65,46 +65,66 @@ class Task:
     label: str = ""
 
 
-def train_task(
-    impl: str,
-    encoder: str,
-    crop: int,
-    classes: int,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    flops: bool = False,
-    repeats: int = 5,
-    compile_model: bool = False,
+def variant_name(variant: dict[str, Any]) -> str:
+    """``literal``, ``ours fp32``, ``ours bf16 + channels-last``, ..."""
+    if variant["impl"] == "literal":
+        return "literal"
+    name = f"ours {variant.get('precision', 'fp32')}"
+    return (
+        name
+        + (" + channels-last" if variant.get("channels_last") else "")
+        + (" + compile" if variant.get("compile_model") else "")
+    )
+
+
+LITERAL = {"impl": "literal"}
+OURS = {"impl": "ours", "precision": "fp32", "channels_last": False, "compile_model": False}
+
+
+def pair_task(
+    base: dict[str, Any], other: dict[str, Any], encoder: str, crop: int, classes: int, flops: bool = False
 ) -> Task:
-    warmup = 1  # the first iteration (reported separately); then `repeats` timed ones
+    """Alternating timing of two variants in one process (1 untimed + 5 timed iterations each)."""
     kwargs = {
-        "impl": impl,
+        "base": base,
+        "other": other,
         "encoder": encoder,
         "crop": crop,
         "classes": classes,
-        "precision": precision,
-        "channels_last": channels_last,
-        "compile_model": compile_model,
-        "warmup": warmup,
-        "repeats": repeats,
+        "warmup": 1,
+        "repeats": 5,
         "flops": flops,
     }
-    extra = f" {precision}" + (" channels-last" if channels_last else "") + (" compiled" if compile_model else "")
-    return Task("train_iteration", kwargs, f"train {impl} {encoder} crop {crop} K={classes}{extra}")
+    label = f"time {variant_name(base)} vs {variant_name(other)}: {encoder} crop {crop} K={classes}"
+    return Task("train_pair", kwargs, label)
+
+
+def memory_task(variant: dict[str, Any], encoder: str, crop: int, classes: int) -> Task:
+    """Peak RSS of one variant alone in a fresh process (2 iterations)."""
+    kwargs = {"variant": variant, "encoder": encoder, "crop": crop, "classes": classes}
+    return Task("train_memory", kwargs, f"memory {variant_name(variant)}: {encoder} crop {crop} K={classes}")
+
+
+def config_tasks(encoder: str, crop: int, classes: int, flops: bool = False) -> list[Task]:
+    """Time (literal vs ours, alternating) and peak memory (each alone) of one configuration."""
+    return [
+        pair_task(LITERAL, OURS, encoder, crop, classes, flops),
+        memory_task(LITERAL, encoder, crop, classes),
+        memory_task(OURS, encoder, crop, classes),
+    ]
 
 
 def plan(quick: bool, compile_model: bool) -> list[Task]:
-    """The measurements, in order: B0 at crops 129/257/513 x K 21/81/150 (the targets are B0 rows), B2 at 257 and
-    513 with K = 21 (513 is also the basis of the scaling estimate; the literal code needs ~8 GB and minutes per
-    iteration for B2 at 513 with K = 150)."""
+    """The measurements, in order: B0 at crops 129 and 257 x K 21/81/150 and 513 x K 21/150 (the targets are B0
+    rows), B2 at 257 and 513 with K = 21 (513 is also the basis of the scaling estimate; the literal code needs
+    ~8 GB and minutes per iteration for B2 at 513 with K = 150)."""
     if quick:
         return [
             Task("matmul_peak", {"size": 1024}, "matmul peak"),
             Task("equivalence", {"encoder": "mit_b0", "crop": 65, "classes": 21, "steps": 1}, "equivalence"),
             Task("memory_update", {"repeats": 5}, "memory update"),
             Task("inference", {"size": 128, "repeats": 3, "onnx": False}, "inference 128"),
-            train_task("literal", "mit_b0", 129, 21, repeats=2, flops=True),
-            train_task("ours", "mit_b0", 129, 21, repeats=2, flops=True),
+            *config_tasks("mit_b0", 129, 21, flops=True),
         ]
     tasks = [
         Task("matmul_peak", {"size": 4096, "dtype": "float32"}, "matmul peak fp32"),
@@ -114,20 +134,19 @@ def plan(quick: bool, compile_model: bool) -> list[Task]:
         Task("inference", {"encoder": "mit_b0"}, "inference B0 512"),
         Task("inference", {"encoder": "mit_b2", "onnx": False, "bf16": False, "repeats": 5}, "inference B2 512"),
     ]
-    grid = [("mit_b0", crop, k) for crop in (129, 257, 513) for k in (21, 81, 150)]
-    grid += [("mit_b2", 257, 21), ("mit_b2", 513, 21)]
+    grid = [("mit_b0", crop, k) for crop in (129, 257) for k in (21, 81, 150)]
+    grid += [("mit_b0", 513, 21), ("mit_b0", 513, 150), ("mit_b2", 257, 21), ("mit_b2", 513, 21)]
     for encoder, crop, classes in grid:
-        flops = encoder == "mit_b0" and crop == 257
-        repeats = 5
-        tasks.append(train_task("literal", encoder, crop, classes, flops=flops, repeats=repeats))
-        tasks.append(train_task("ours", encoder, crop, classes, flops=flops, repeats=repeats))
-        if encoder == "mit_b0" and crop == 257:
-            tasks.append(train_task("ours", encoder, crop, classes, "bf16", True, repeats=repeats))
+        tasks += config_tasks(encoder, crop, classes, flops=encoder == "mit_b0" and crop == 257)
+        if encoder == "mit_b0" and crop == 257 and classes in (21, 81):
+            variants = [{**OURS, "precision": "bf16", "channels_last": True}]
             if classes == 21:
-                tasks.append(train_task("ours", encoder, crop, classes, "fp32", True, repeats=repeats))
-                tasks.append(train_task("ours", encoder, crop, classes, "bf16", False, repeats=repeats))
+                variants += [{**OURS, "channels_last": True}, {**OURS, "precision": "bf16"}]
                 if compile_model:
-                    tasks.append(train_task("ours", encoder, crop, classes, compile_model=True, repeats=repeats))
+                    variants.append({**OURS, "compile_model": True})
+            for variant in variants:
+                tasks.append(pair_task(OURS, variant, encoder, crop, classes))
+                tasks.append(memory_task(variant, encoder, crop, classes))
     for impl in ("literal", "ours"):
         kwargs = {"impl": impl, "encoder": "mit_b0", "crop": 257, "classes": 81}
         tasks.append(Task("components", kwargs, f"components {impl} B0 257 K=81"))
@@ -204,15 +223,42 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 # -- tables -----------------------------------------------------------------------------------------------------------
-def _train_rows(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    rows = {}
+def _config(kwargs: dict[str, Any]) -> tuple[str, int, int]:
+    return kwargs["encoder"], kwargs["crop"], kwargs["classes"]
+
+
+def _vkey(variant: dict[str, Any]) -> str:
+    return variant_name(variant)
+
+
+def train_tables(records: Iterable[dict[str, Any]]) -> tuple[dict, dict]:
+    """``pairs[(config, base name, other name)]`` (with load) and ``memory[(config, name)]`` from the records."""
+    pairs, memory = {}, {}
     for r in records:
-        if r["kind"] != "train_iteration" or "result" not in r:
+        if "result" not in r:
             continue
         k = r["kwargs"]
-        key = (k["impl"], k["encoder"], k["crop"], k["classes"], k["precision"], k["channels_last"], k["compile_model"])
-        rows[key] = {**r["result"], "load": r["load"]}
-    return rows
+        if r["kind"] == "train_pair":
+            pairs[(_config(k), _vkey(k["base"]), _vkey(k["other"]))] = {**r["result"], "load": r["load"]}
+        elif r["kind"] == "train_memory":
+            memory[(_config(k), _vkey(k["variant"]))] = r["result"]
+    return pairs, memory
+
+
+def time_ratio(pairs: dict, config: tuple, name: str) -> float | None:
+    """ours-variant / literal time: measured directly for ``ours fp32``, else through ``ours fp32``."""
+    main = pairs.get((config, "literal", "ours fp32"))
+    if main is None:
+        return None
+    if name == "ours fp32":
+        return main["ratio"]
+    via = pairs.get((config, "ours fp32", name))
+    return None if via is None else main["ratio"] * via["ratio"]
+
+
+def memory_ratio(memory: dict, config: tuple, name: str) -> float | None:
+    lit, ours = memory.get((config, "literal")), memory.get((config, name))
+    return None if lit is None or ours is None else ours["peak_rss_mb"] / lit["peak_rss_mb"]
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -286,73 +332,80 @@ def render(records: list[dict[str, Any]], info: dict[str, Any], max_load: float)
             out.append(f"Checks ({_enc(r['result']['encoder'])}, max relative difference): {checks}.")
         out.append("")
 
-    rows = _train_rows(records)
-    if rows:
-        out += [
-            "## Training iteration (teacher pass + student forward on 2 + 2 images + backward + SGD step)",
-            "",
-            "Median of the timed iterations (after warm-up); peak RSS of a fresh process per row.",
-            "",
-            "| encoder | crop | K | literal s | ours s | time ratio | literal peak MB | ours peak MB | memory ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for key, ours in rows.items():
-            impl, encoder, crop, classes, precision, cl, comp = key
-            if impl != "ours" or precision != "fp32" or cl or comp:
-                continue
-            lit = rows.get(("literal", encoder, crop, classes, "fp32", False, False))
-            lt = lit["median"] if lit else None
-            lm = lit["peak_rss_mb"] if lit else None
-            out.append(
-                f"| {_enc(encoder)} | {crop} | {classes} | {_fmt(lt)} | {ours['median']:.2f} | "
-                f"{_fmt(ours['median'] / lt if lt else None)} | {_fmt(lm, '.0f')} | {ours['peak_rss_mb']:.0f} | "
-                f"{_fmt(ours['peak_rss_mb'] / lm if lm else None)} |"
-            )
-        out.append("")
-        variants = [(k, v) for k, v in rows.items() if k[0] == "ours" and (k[4] != "fp32" or k[5] or k[6])]
-        if variants:
-            out += [
-                "### Precision, memory format and compilation (ours; ratio against the literal fp32 baseline)",
-                "",
-                "| encoder | crop | K | variant | ours s | time ratio | peak MB | memory ratio |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
-            ]
-            for key, ours in variants:
-                _, encoder, crop, classes, precision, cl, comp = key
-                lit = rows.get(("literal", encoder, crop, classes, "fp32", False, False))
-                name = precision + (" + channels-last" if cl else "") + (" + compile" if comp else "")
-                out.append(
-                    f"| {_enc(encoder)} | {crop} | {classes} | {name} | {ours['median']:.2f} | "
-                    f"{_fmt(ours['median'] / lit['median'] if lit else None)} | {ours['peak_rss_mb']:.0f} | "
-                    f"{_fmt(ours['peak_rss_mb'] / lit['peak_rss_mb'] if lit else None)} |"
-                )
-            out.append("")
-        flop_rows = [(k, v) for k, v in rows.items() if "flops" in v]
-        if flop_rows:
-            peak_text = f"{fp32_peak:.0f} GFLOP/s" if fp32_peak else "n/a"
-            out += [
-                f"### Achieved FLOP/s (matrix products and convolutions, backward included; fp32 peak {peak_text})",
-                "",
-                "| encoder | crop | K | impl | GFLOP / iteration | GFLOP/s | % of peak |",
-                "| --- | --- | --- | --- | --- | --- | --- |",
-            ]
-            for key, v in flop_rows:
-                impl, encoder, crop, classes, precision, cl, comp = key
-                rate = v["flops"] / v["median"] / 1e9
-                pct = f"{100 * rate / fp32_peak:.0f}" if fp32_peak else "-"
-                name = impl + ("" if precision == "fp32" and not cl else f" {precision}{' CL' if cl else ''}")
-                out.append(
-                    f"| {_enc(encoder)} | {crop} | {classes} | {name} | {v['flops'] / 1e9:.1f} | {rate:.0f} | {pct} |"
-                )
-            out.append("")
-
+    pairs, memory = train_tables(records)
+    out += training_tables(pairs, memory, fp32_peak)
     out += components_tables(records)
     out += scaling_table(records)
-    out += targets_table(rows, records)
+    out += targets_table(pairs, memory, records)
     errors = [r for r in records if "error" in r]
     if errors:
         out += ["## Failed measurements", ""] + [f"- {r['label']}: {r['error']}" for r in errors] + [""]
     return "\n".join(out)
+
+
+def training_tables(pairs: dict, memory: dict, fp32_peak: float | None) -> list[str]:
+    """Training time and memory, literal vs ours; the variants; achieved FLOP/s."""
+    main = {key[0]: v for key, v in pairs.items() if key[1:] == ("literal", "ours fp32")}
+    if not main:
+        return []
+    out = [
+        "## Training iteration (teacher pass + student forward on 2 + 2 images + backward + SGD step)",
+        "",
+        "Time: literal and ours alternate in one process (1 untimed + 5 timed iterations each); medians, and the "
+        "median of the 5 paired ratios. Peak RSS: each alone in a fresh process over 2 iterations.",
+        "",
+        "| encoder | crop | K | literal s | ours s | time ratio | literal peak MB | ours peak MB | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for config, pair in main.items():
+        encoder, crop, classes = config
+        lit_mem, ours_mem = memory.get((config, "literal")), memory.get((config, "ours fp32"))
+        out.append(
+            f"| {_enc(encoder)} | {crop} | {classes} | {pair['base']['median']:.2f} | {pair['other']['median']:.2f} | "
+            f"{pair['ratio']:.2f} | {_fmt(lit_mem and lit_mem['peak_rss_mb'], '.0f')} | "
+            f"{_fmt(ours_mem and ours_mem['peak_rss_mb'], '.0f')} | {_fmt(memory_ratio(memory, config, 'ours fp32'))} |"
+        )
+    out.append("")
+    variants = [(key, v) for key, v in pairs.items() if key[1] == "ours fp32"]
+    if variants:
+        out += [
+            "### Precision, memory format and compilation (ours)",
+            "",
+            "Time ratio against ours fp32 measured alternately in one process; against the literal fp32 baseline "
+            "through ours fp32 (product of the two paired ratios).",
+            "",
+            "| encoder | crop | K | variant | s | vs ours fp32 | vs literal | peak MB | memory vs literal |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for (config, _, name), pair in variants:
+            encoder, crop, classes = config
+            mem = memory.get((config, name))
+            out.append(
+                f"| {_enc(encoder)} | {crop} | {classes} | {name.removeprefix('ours ')} | "
+                f"{pair['other']['median']:.2f} | {pair['ratio']:.2f} | {_fmt(time_ratio(pairs, config, name))} | "
+                f"{_fmt(mem and mem['peak_rss_mb'], '.0f')} | {_fmt(memory_ratio(memory, config, name))} |"
+            )
+        out.append("")
+    flop_rows = [(config, pair) for config, pair in main.items() if "flops" in pair["base"]]
+    if flop_rows:
+        peak_text = f"{fp32_peak:.0f} GFLOP/s" if fp32_peak else "n/a"
+        out += [
+            f"### Achieved FLOP/s (matrix products and convolutions, backward included; fp32 matmul peak {peak_text})",
+            "",
+            "| encoder | crop | K | impl | GFLOP / iteration | GFLOP/s | % of peak | literal's GFLOP / our time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for (encoder, crop, classes), pair in flop_rows:
+            for impl, side in (("literal", pair["base"]), ("ours", pair["other"])):
+                rate = side["flops"] / side["median"] / 1e9
+                pct = f"{100 * rate / fp32_peak:.0f}" if fp32_peak else "-"
+                useful = pair["base"]["flops"] / side["median"] / 1e9
+                out.append(
+                    f"| {_enc(encoder)} | {crop} | {classes} | {impl} | {side['flops'] / 1e9:.1f} | {rate:.0f} | "
+                    f"{pct} | {useful:.0f} |"
+                )
+        out.append("")
+    return out
 
 
 def equivalence_table(res: dict[str, Any]) -> list[str]:
@@ -505,18 +558,16 @@ def scaling_table(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def targets_table(rows: dict[tuple, dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+def targets_table(pairs: dict, memory: dict, records: list[dict[str, Any]]) -> list[str]:
     """The issue's targets with the measured ratios."""
     lines = ["## Targets (ratios ours / literal, medians)", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += targets_extra(records)
     for label, (encoder, crop, classes, precision, cl), kind, bound in TARGETS:
-        ours = rows.get(("ours", encoder, crop, classes, precision, cl, False))
-        lit = rows.get(("literal", encoder, crop, classes, "fp32", False, False))
-        if not ours or not lit:
-            continue
-        key = "median" if kind == "time" else "peak_rss_mb"
-        ratio = ours[key] / lit[key]
-        lines.append(f"| {label} | {ratio:.2f}x | {'yes' if ratio <= bound else 'NO'} |")
+        config = (encoder, crop, classes)
+        name = variant_name({**OURS, "precision": precision, "channels_last": cl})
+        ratio = time_ratio(pairs, config, name) if kind == "time" else memory_ratio(memory, config, name)
+        if ratio is not None:
+            lines.append(f"| {label} | {ratio:.2f}x | {'yes' if ratio <= bound else 'NO'} |")
     return [*lines, ""]
 
 
@@ -578,8 +629,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _progress(record: dict[str, Any]) -> str:
     res = record["result"]
-    if record["kind"] == "train_iteration":
-        return f"{res['median']:.3f} s/it, peak RSS {res['peak_rss_mb']:.0f} MB"
+    if record["kind"] == "train_pair":
+        return f"{res['base']['median']:.3f} vs {res['other']['median']:.3f} s/it, ratio {res['ratio']:.2f}"
+    if record["kind"] == "train_memory":
+        return f"peak RSS {res['peak_rss_mb']:.0f} MB"
     if record["kind"] == "matmul_peak":
         return f"{res['gflops']:.0f} GFLOP/s"
     if record["kind"] == "memory_update":

@@ -36,7 +36,16 @@ from allspark_seg.losses import build_loss
 from allspark_seg.models import AllSparkSegmentor, SemanticMemory, channel_grouping
 from allspark_seg.optim import build_optimizer, param_groups
 
-__all__ = ["equivalence", "inference", "matmul_peak", "memory_update", "train_iteration"]
+__all__ = [
+    "components",
+    "equivalence",
+    "flops_at",
+    "inference",
+    "matmul_peak",
+    "memory_update",
+    "train_memory",
+    "train_pair",
+]
 
 HEAD_DIM = 768  # AllSpark's SegFormer head width
 LR, LR_MULTI = 1e-3, 10.0
@@ -196,52 +205,88 @@ def literal_step_fn(model: AllSparkSegmentor, crop: int, classes: int) -> Callab
 
 
 # -- workloads --------------------------------------------------------------------------------------------------------
-def train_iteration(
-    impl: str,
+def _step_for(variant: dict[str, Any], encoder: str, crop: int, classes: int) -> Callable[[], torch.Tensor]:
+    """A training-iteration closure for ``variant`` = ``{"impl", "precision", "channels_last", "compile_model"}``;
+    both implementations start from the same seeded weights."""
+    impl = variant["impl"]
+    model = build_ours(encoder, classes, crop)
+    if impl == "literal":
+        if variant.get("precision", "fp32") != "fp32" or variant.get("channels_last") or variant.get("compile_model"):
+            raise ValueError("The literal baseline runs in fp32, contiguous, eager only.")
+        return literal_step_fn(model, crop, classes)
+    if impl != "ours":
+        raise ValueError(f"Unknown implementation {impl!r}.")
+    return our_step_fn(
+        model,
+        crop,
+        classes,
+        variant.get("precision", "fp32"),
+        bool(variant.get("channels_last")),
+        bool(variant.get("compile_model")),
+    )
+
+
+def train_pair(
+    base: dict[str, Any],
+    other: dict[str, Any],
     encoder: str,
     crop: int,
     classes: int,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    compile_model: bool = False,
     warmup: int = 1,
     repeats: int = 5,
     flops: bool = False,
 ) -> dict[str, Any]:
-    """Median wall time and peak RSS of full ``allspark`` training iterations (memory read).
+    """Training-iteration times of two variants measured alternately in one process (base, other, base, ...), so
+    both see the same machine conditions; the ratio is the median of the per-pair ratios ``other / base``.
 
     Args:
-        impl: ``ours`` or ``literal``.
+        base: The reference variant, e.g. ``{"impl": "literal"}``.
+        other: The measured variant, e.g. ``{"impl": "ours", "precision": "bf16", "channels_last": True}``.
         encoder: MiT variant.
         crop: Square crop (not a multiple of 32, as the official memory formula needs).
         classes: K.
-        precision: ``fp32`` or ``bf16`` (autocast; ours only).
-        channels_last: Channels-last images and weights (ours only).
-        compile_model: ``torch.compile`` the model (ours only).
-        warmup: Untimed iterations first.
-        repeats: Timed iterations.
-        flops: Also count the FLOPs of one more iteration.
+        warmup: Untimed iterations of each first (the first one is reported separately).
+        repeats: Timed iterations of each.
+        flops: Also count the FLOPs of one more iteration of each.
     """
-    model = build_ours(encoder, classes, crop)
-    if impl == "ours":
-        step = our_step_fn(model, crop, classes, precision, channels_last, compile_model)
-    elif impl == "literal":
-        if precision != "fp32" or channels_last or compile_model:
-            raise ValueError("The literal baseline runs in fp32, contiguous, eager only.")
-        step = literal_step_fn(model, crop, classes)
-        del model
-    else:
-        raise ValueError(f"Unknown implementation {impl!r}.")
+    steps = [_step_for(base, encoder, crop, classes), _step_for(other, encoder, crop, classes)]
+    gc.collect()
+    first = []
+    for step in steps:
+        start = time.perf_counter()
+        step()  # allocations, oneDNN primitives, compilation
+        first.append(time.perf_counter() - start)
+    for _ in range(max(warmup - 1, 0)):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(*times, strict=True)]
+    out: dict[str, Any] = {
+        "base": {**summary(times[0]), "first": first[0]},
+        "other": {**summary(times[1]), "first": first[1]},
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+    }
+    if flops:
+        out["base"]["flops"] = count_flops(steps[0])
+        out["other"]["flops"] = count_flops(steps[1])
+    return out
+
+
+def train_memory(variant: dict[str, Any], encoder: str, crop: int, classes: int, iterations: int = 2) -> dict[str, Any]:
+    """Peak resident memory of one variant alone in this process over ``iterations`` training iterations (two: the
+    second one also holds the optimiser's momentum buffers)."""
+    step = _step_for(variant, encoder, crop, classes)
     gc.collect()
     rss_before = current_rss_mb()
-    start = time.perf_counter()
-    step()  # the first iteration (allocations, oneDNN primitives, compilation) is reported separately
-    first = time.perf_counter() - start
-    times = timed(step, warmup=max(warmup - 1, 0), repeats=repeats)
-    out = {**summary(times), "first": first, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
-    if flops:
-        out["flops"] = count_flops(step)
-    return out
+    for _ in range(iterations):
+        step()
+    return {"peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
 
 
 def memory_update(
@@ -267,7 +312,7 @@ def memory_update(
             literal._dequeue_and_enqueue(z_u[b], cls[b])
 
     def run_ours() -> None:
-        ours.enqueue(z_u.transpose(1, 2).reshape(-1, n), cls.reshape(-1))
+        ours.enqueue(z_u.transpose(1, 2), cls)  # as update_memory calls it: (B_u, C, N) view, (B_u, C) classes
 
     t_lit = timed(run_literal, warmup, repeats)
     t_ours = timed(run_ours, warmup, repeats)
