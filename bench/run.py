@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/run.py [--quick] [--out bench/results] [--threads 2] [--only TEXT]
+    python bench/run.py [--quick | --full] [--out bench/results] [--threads 2] [--only TEXT] [--report-only]
 
 Writes ``OUT/results.json`` and ``OUT/results.md`` and prints the Markdown tables. Every measurement runs in a fresh
 subprocess with ``OMP_NUM_THREADS`` and ``torch.set_num_threads`` set to ``--threads`` (so a row's peak resident
@@ -10,9 +10,10 @@ memory is its own), in this order: matrix-multiply peak, equivalence checks, mem
 iterations (literal then ours for each configuration), matrix-multiply peak again. Ratios are ours / literal.
 
 Timings are only meaningful on an otherwise idle machine: the load average is recorded before and after every
-measurement, and rows taken with a 1-minute load above ``--max-load`` (default 1.5 with 2 threads) are flagged.
-Oversubscribed OpenMP threads spin-wait, which can make a CPU run 10x slower. The full run takes about 12 minutes on
-an idle 2-core Xeon; ``--quick`` (a tiny subset, ~1 minute) is a smoke test.
+measurement, and a run whose 1-minute load exceeded ``--max-load`` (default: threads + 0.75, since the benchmark's
+own threads count in the load) is flagged. Oversubscribed OpenMP threads spin-wait, which can make a CPU run 10x
+slower. The default run takes about 14 minutes on an idle 2-core Xeon, ``--full`` about 25; ``--quick`` (a tiny
+subset, ~1 minute) is a smoke test.
 """
 
 from __future__ import annotations
@@ -105,19 +106,23 @@ def memory_task(variant: dict[str, Any], encoder: str, crop: int, classes: int) 
     return Task("train_memory", kwargs, f"memory {variant_name(variant)}: {encoder} crop {crop} K={classes}")
 
 
-def config_tasks(encoder: str, crop: int, classes: int, flops: bool = False) -> list[Task]:
-    """Time (literal vs ours, alternating) and peak memory (each alone) of one configuration."""
-    return [
-        pair_task(LITERAL, OURS, encoder, crop, classes, flops),
-        memory_task(LITERAL, encoder, crop, classes),
-        memory_task(OURS, encoder, crop, classes),
-    ]
+def config_tasks(encoder: str, crop: int, classes: int, flops: bool = False, memory: bool = True) -> list[Task]:
+    """Time (literal vs ours, alternating) and, with ``memory``, peak memory (each alone) of one configuration."""
+    tasks = [pair_task(LITERAL, OURS, encoder, crop, classes, flops)]
+    if memory:
+        tasks += [memory_task(LITERAL, encoder, crop, classes), memory_task(OURS, encoder, crop, classes)]
+    return tasks
 
 
-def plan(quick: bool, compile_model: bool) -> list[Task]:
-    """The measurements, in order: B0 at crops 129 and 257 x K 21/81/150 and 513 x K 21/150 (the targets are B0
-    rows), B2 at 257 and 513 with K = 21 (513 is also the basis of the scaling estimate; the literal code needs
-    ~8 GB and minutes per iteration for B2 at 513 with K = 150)."""
+def plan(quick: bool, compile_model: bool, full: bool = False) -> list[Task]:
+    """The measurements, in order.
+
+    Default (about 14 minutes on an idle 2-core CPU): B0 at crop 129 (K 21, 81; time only), 257 (K 21, 81, 150)
+    and 513 (K 21), B2 at 257 (K 21), so iteration time can be plotted against the crop (K = 21) and against K
+    (crop 257); the targets are B0 rows. ``full`` (about 25 minutes) adds peak memory at crop 129, B0 129 and 513
+    with K = 150, B2 513 with K = 21 and fp32 + channels-last. The per-part breakdown at B2 513 is always run: it is
+    the basis of the scaling estimate (MiT-B2 has B5's stage widths).
+    """
     if quick:
         return [
             Task("matmul_peak", {"size": 1024}, "matmul peak"),
@@ -134,14 +139,16 @@ def plan(quick: bool, compile_model: bool) -> list[Task]:
         Task("inference", {"encoder": "mit_b0"}, "inference B0 512"),
         Task("inference", {"encoder": "mit_b2", "onnx": False, "bf16": False, "repeats": 5}, "inference B2 512"),
     ]
-    grid = [("mit_b0", crop, k) for crop in (129, 257) for k in (21, 81, 150)]
-    grid += [("mit_b0", 513, 21), ("mit_b0", 513, 150), ("mit_b2", 257, 21), ("mit_b2", 513, 21)]
+    grid = [("mit_b0", 129, 21), ("mit_b0", 129, 81)] + (full * [("mit_b0", 129, 150)])
+    grid += [("mit_b0", 257, k) for k in (21, 81, 150)] + [("mit_b0", 513, 21)] + (full * [("mit_b0", 513, 150)])
+    grid += [("mit_b2", 257, 21)] + (full * [("mit_b2", 513, 21)])
     for encoder, crop, classes in grid:
-        tasks += config_tasks(encoder, crop, classes, flops=encoder == "mit_b0" and crop == 257)
+        flops = encoder == "mit_b0" and crop == 257
+        tasks += config_tasks(encoder, crop, classes, flops=flops, memory=full or crop > 129)
         if encoder == "mit_b0" and crop == 257 and classes in (21, 81):
             variants = [{**OURS, "precision": "bf16", "channels_last": True}]
             if classes == 21:
-                variants += [{**OURS, "channels_last": True}, {**OURS, "precision": "bf16"}]
+                variants += full * [{**OURS, "channels_last": True}] + [{**OURS, "precision": "bf16"}]
                 if compile_model:
                     variants.append({**OURS, "compile_model": True})
             for variant in variants:
@@ -592,21 +599,32 @@ def targets_extra(records: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset (smoke test, ~1 minute)")
+    parser.add_argument("--full", action="store_true", help="more configurations (~25 minutes instead of ~14)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild results.md from OUT/results.json")
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder (results.json, results.md)")
     parser.add_argument("--threads", type=int, default=2, help="OpenMP/MKL/torch threads per measurement")
     parser.add_argument("--only", default="", help="run only the tasks whose label contains one of these (a,b,...)")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd training iteration")
-    parser.add_argument("--max-load", type=float, default=None, help="flag timings above this load (0.75 x threads)")
+    parser.add_argument(
+        "--max-load", type=float, default=None, help="flag timings above this 1-minute load (threads + 0.75)"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args.worker, args.threads)
         return 0
-    max_load = args.max_load if args.max_load is not None else 0.75 * args.threads
-    filters = [f.strip() for f in args.only.split(",")]
-    tasks = [t for t in plan(args.quick, args.compile) if any(f in t.label for f in filters)]
+    # The benchmark's own threads count in the load average: flag only what other processes add on top.
+    max_load = args.max_load if args.max_load is not None else args.threads + 0.75
     out_dir = Path(args.out)
+    if args.report_only:
+        saved = json.loads((out_dir / "results.json").read_text())
+        report = render(saved["records"], saved["machine"], max_load)
+        (out_dir / "results.md").write_text(report + "\n")
+        print(report)
+        return 0
+    filters = [f.strip() for f in args.only.split(",")]
+    tasks = [t for t in plan(args.quick, args.compile, args.full) if any(f in t.label for f in filters)]
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info(args.threads)
     print(f"{len(tasks)} measurements, {args.threads} threads; load average now {os.getloadavg()[0]:.2f}", flush=True)

@@ -86,10 +86,12 @@ def ring_buffer_slots(
 def _rows(maps: torch.Tensor) -> torch.Tensor:
     """Channel maps ``(..., N)`` as contiguous rows ``(M, N)``.
 
-    A transposed ``(B, C, N)`` view of ``(B, N, C)`` tokens is copied one sample at a time: PyTorch copies a
-    transposed 2-D matrix with a blocked kernel, about 1.5x faster than its generic strided 3-D copy.
+    On a CPU, a transposed ``(B, C, N)`` view of ``(B, N, C)`` tokens is copied one sample at a time (B copies, no
+    synchronisation): PyTorch copies a transposed 2-D matrix with a blocked kernel, about 1.5x faster than its
+    generic strided 3-D copy (0.58 vs 0.87 ms for 4 x 512 x 289). Elsewhere it is one strided copy.
     """
-    if maps.dim() == 3 and maps.stride(1) == 1 and maps.stride(2) == maps.shape[1]:
+    transposed = maps.dim() == 3 and maps.stride(1) == 1 and maps.stride(2) == maps.shape[1]
+    if transposed and maps.device.type == "cpu":
         out = torch.empty(maps.shape, dtype=maps.dtype, device=maps.device)
         for b in range(maps.shape[0]):
             out[b].copy_(maps[b])
