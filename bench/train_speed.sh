@@ -12,12 +12,12 @@ for crop in 128 256; do
     run="$out/b0_${crop}_${prec}"
     rm -rf "$run"
     allspark-seg train -c configs/synthetic_demo.yaml --out "$run" --set method=allspark model.encoder=mit_b0 \
-      model.embed_dims=null model.depths=null model.num_heads=null model.head_dim=256 model.drop_path=0.1 \
+      model.embed_dims=null model.depths=null model.num_heads=null model.head_dim=768 model.drop_path=0.1 \
       train.optimizer=sgd train.lr=0.001 train.lr_multi=10.0 train.weight_decay=0.0001 \
       data.root="$out/data" data.synthetic.image_size=256 data.synthetic.num_classes=6 data.synthetic.num_labeled=8 \
       data.synthetic.num_unlabeled=32 data.synthetic.num_val=2 data.crop_size=$crop \
       train.iterations="${ITERS:-30}" train.batch_size=2 train.log_every=5 train.eval_every=100000 \
-      train.checkpoint_every=100000 train.precision=$prec > "$run.log" 2>&1
+      train.checkpoint_every=100000 train.precision=$prec > "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
     python - "$run" "$crop" "$prec" <<'PY'
 import json
 import statistics
