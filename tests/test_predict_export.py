@@ -81,7 +81,7 @@ def test_state_dict_mismatches_are_summarised(checkpoint: Path, tmp_path: Path) 
     with pytest.raises(CheckpointError) as info:
         P.load_trained_model(tmp_path / "broken.pt")
     message = str(info.value)
-    assert f"1 missing weights ({key})" in message and "1 unexpected weights (extra.weight)" in message
+    assert f"1 missing key ({key})" in message and "1 unexpected key (extra.weight)" in message
     assert "\n" not in message
 
 

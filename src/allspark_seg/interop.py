@@ -209,17 +209,26 @@ def _mismatch_report(
 
 
 def _compare(
-    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+    source: Mapping[str, Any], target: Mapping[str, torch.Tensor]
 ) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
-    """Missing (in target only), unexpected (in source only) and shape-mismatched keys (in target order)."""
+    """Missing (in target only), unexpected (in source only) and shape-mismatched keys (in target order).
+
+    A source value that is not a tensor counts as a shape mismatch with shape ``()``.
+    """
     missing = [k for k in target if k not in source]
     unexpected = [k for k in source if k not in target]
     mismatched = [
-        (k, tuple(source[k].shape), tuple(v.shape))
+        (k, tuple(getattr(source[k], "shape", ())), tuple(v.shape))
         for k, v in target.items()
-        if k in source and source[k].shape != v.shape
+        if k in source and getattr(source[k], "shape", None) != v.shape
     ]
     return missing, unexpected, mismatched
+
+
+def state_dict_mismatch(source: Mapping[str, Any], target: Mapping[str, torch.Tensor]) -> str:
+    """``''`` when ``source`` has exactly the keys and shapes of ``target``, else a one-line report of the missing,
+    unexpected and mismatched keys (``'1 missing key (a); 1 shape mismatch (c: file (3, 4) vs model (3, 5))'``)."""
+    return _mismatch_report(*_compare(source, target))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from PIL import Image
 from .. import data as D
 from ..config import RunConfig, apply_overrides, config_from_dict, crop_hw, resolve_config
 from ..errors import CheckpointError, ConfigError, DataError
+from ..interop import state_dict_mismatch
 from ..models import AllSparkSegmentor
 from ..utils.progress import Progress
 from .checkpoint import load_checkpoint
@@ -91,31 +92,11 @@ def _pick_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _few(keys: Iterable[str], limit: int = 3) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _check_state_dict(model: torch.nn.Module, state: dict, path: Path) -> None:
     """Raise a one-sentence CheckpointError when ``state`` does not fit ``model`` exactly."""
-    expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    shapes = [
-        k for k in set(expected) & set(state) if getattr(state[k], "shape", None) != getattr(expected[k], "shape", None)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing weights ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weights ({_few(unexpected)})")
-    if shapes:
-        problems.append(f"{len(shapes)} weights of another shape ({_few(shapes)})")
+    problems = state_dict_mismatch(state, model.state_dict())
     if problems:
-        raise CheckpointError(
-            f"Checkpoint '{path}' does not match the model its config describes: {'; '.join(problems)}."
-        )
+        raise CheckpointError(f"Checkpoint '{path}' does not match the model its config describes: {problems}.")
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
