@@ -80,11 +80,8 @@ def _copy_dropout_rates(model: nn.Module, ref: nn.Module) -> None:
 
 
 def literal_optimizer(ref: R.ModelBuilder, lr: float = 1e-3, lr_multi: float = 10.0) -> torch.optim.SGD:
-    """The official optimiser: SGD, momentum 0.9, weight decay 1e-4, backbone at ``lr``, the rest ``lr * lr_multi``."""
-    backbone = list(ref.backbone.parameters())
-    rest = [p for n, p in ref.named_parameters() if not n.startswith("backbone.")]
-    groups = [{"params": backbone, "lr": lr}, {"params": rest, "lr": lr * lr_multi}]
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+    """The official optimiser (:func:`official_reference.official_optimizer`) with the benchmark's defaults."""
+    return R.official_optimizer(ref, lr, lr_multi)
 
 
 def literal_train_step(
@@ -102,12 +99,7 @@ def literal_train_step(
     Returns:
         The detached loss.
     """
-    with torch.no_grad():
-        ref.eval()
-        pred_u_pseudo = ref(x_u).detach()
-        ref.decoder.set_pseudo_prob_map(pred_u_pseudo)
-        pseudo_label = pred_u_pseudo.argmax(dim=1)
-        ref.decoder.set_pseudo_label(pseudo_label)
+    pseudo_label = R.official_teacher_pass(ref, x_u).argmax(dim=1)
     ref.decoder.set_SMem_status(epoch=ref.decoder.warmup_epoch)
     ref.train()
     pred_x, pred_u = ref(torch.cat((x_l, x_u))).split([x_l.shape[0], x_u.shape[0]])

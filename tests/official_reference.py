@@ -602,3 +602,23 @@ def build_official_model(
     else:
         decoder = BaselineDecoder(num_class, embed_dims, embedding_dim)
     return ModelBuilder(backbone, decoder)
+
+
+def official_optimizer(ref: ModelBuilder, lr: float, lr_multi: float) -> torch.optim.SGD:
+    """``train_allspark.py``'s optimiser: SGD, momentum 0.9, weight decay 1e-4, backbone at ``lr``, the rest at
+    ``lr * lr_multi``."""
+    backbone = list(ref.backbone.parameters())
+    rest = [p for n, p in ref.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": lr}, {"params": rest, "lr": lr * lr_multi}]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+@torch.no_grad()
+def official_teacher_pass(ref: ModelBuilder, x_u: torch.Tensor) -> torch.Tensor:
+    """``train_allspark.py``'s teacher pass: the model in eval mode on the unlabeled batch, its logits and argmax
+    handed to the decoder through the setters. Returns the teacher logits ``(B, K, H, W)``."""
+    ref.eval()
+    pred_u_pseudo = ref(x_u).detach()
+    ref.decoder.set_pseudo_prob_map(pred_u_pseudo)
+    ref.decoder.set_pseudo_label(pred_u_pseudo.argmax(dim=1))
+    return pred_u_pseudo

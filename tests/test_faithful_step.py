@@ -28,11 +28,7 @@ STEPS = 10
 def official_loop(ref: R.ModelBuilder, batches, cfg, steps_per_epoch: int, epochs: int) -> list[float]:
     """``train_allspark.py`` lines 106-167 restated (single process, no barrier)."""
     lr, lr_multi = cfg.train.lr, cfg.train.lr_multi
-    backbone = list(ref.backbone.parameters())
-    rest = [p for n, p in ref.named_parameters() if "backbone" not in n]
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": lr}, {"params": rest, "lr": lr * lr_multi}], lr=lr, momentum=0.9, weight_decay=1e-4
-    )
+    optimizer = R.official_optimizer(ref, lr, lr_multi)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
     total_iters = steps_per_epoch * epochs
     losses = []
@@ -40,12 +36,7 @@ def official_loop(ref: R.ModelBuilder, batches, cfg, steps_per_epoch: int, epoch
         epoch, i = divmod(t, steps_per_epoch)
         ref.decoder.set_SMem_status(epoch=epoch, isVal=False)
         img_x, mask_x, img_u = batch_l["image"].double(), batch_l["mask"], batch_u["image"].double()
-        with torch.no_grad():
-            ref.eval()
-            pred_u_pseudo = ref(img_u).detach()
-            ref.decoder.set_pseudo_prob_map(pred_u_pseudo)
-            pseudo_label = pred_u_pseudo.argmax(dim=1)
-            ref.decoder.set_pseudo_label(pseudo_label)
+        pseudo_label = R.official_teacher_pass(ref, img_u).argmax(dim=1)
         ref.train()
         preds = ref(torch.cat((img_x, img_u)))
         pred_x, pred_u = preds.split([img_x.shape[0], img_u.shape[0]])

@@ -100,11 +100,7 @@ def loss_of(logits_l: torch.Tensor, logits_u: torch.Tensor, y_l: torch.Tensor, p
 
 def official_step(ref: R.ModelBuilder, x_l, x_u, y_l, epoch: int) -> tuple[torch.Tensor, ...]:
     """One iteration of ``train_allspark.py`` up to ``backward``: teacher pass, setters, student pass."""
-    with torch.no_grad():
-        ref.eval()
-        teacher = ref(x_u).detach()
-        ref.decoder.set_pseudo_prob_map(teacher)
-        ref.decoder.set_pseudo_label(teacher.argmax(dim=1))
+    teacher = R.official_teacher_pass(ref, x_u)
     ref.decoder.set_SMem_status(epoch)
     ref.train()
     pred_l, pred_u = ref(torch.cat([x_l, x_u])).split([x_l.shape[0], x_u.shape[0]])
