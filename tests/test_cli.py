@@ -16,6 +16,8 @@ from PIL import Image
 from allspark_seg import cli
 from allspark_seg.config import load_config
 from allspark_seg.engine.predict import load_trained_model, predict_image
+from allspark_seg.engine.train import training_plan
+from allspark_seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -366,6 +368,7 @@ def test_paper_configs_hold_the_official_values(name: str, tmp_path: Path) -> No
     assert (cfg.train.momentum, cfg.train.weight_decay, cfg.train.poly_power) == (0.9, 1e-4, 0.9)
     assert (cfg.train.batch_size, cfg.train.unlabeled_batch_size) == (batch, batch_u)
     assert cfg.train.grad_accum == 4  # 4 GPUs' global batch on one device
+    assert cfg.train.eval_every == "epoch"  # the official scripts validate once per epoch
     assert cfg.semi.warmup_epochs == warmup
     assert cfg.train.loss == loss
     if loss == "ohem":
@@ -379,3 +382,25 @@ def test_paper_configs_hold_the_official_values(name: str, tmp_path: Path) -> No
     semi = cfg.semi
     if method != "supervised":  # the faithful recipe: no EMA, no threshold, padding pseudo-labelled
         assert (semi.ema, semi.conf_thresh, semi.ignore_padding, semi.per_image_teacher) == (False, 0.0, False, False)
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "steps"),
+    [("pascal_allspark", 10582 - 183, 1300), ("cityscapes_allspark", 2975 - 186, 349), ("pascal_supervised", 366, 23)],
+)
+def test_paper_configs_follow_the_official_schedule(name: str, n: int, steps: int, tmp_path: Path) -> None:
+    """One device with grad_accum 4 and 4 processes give the official steps per epoch and validate once per epoch."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"data.root={tmp_path}"])
+    four_gpus = load_config(REPO / "configs" / f"{name}.yaml", [f"data.root={tmp_path}", "train.grad_accum=1"])
+    for plan in (training_plan(cfg, n, world_size=1), training_plan(four_gpus, n, world_size=4)):
+        assert plan.steps_per_epoch == plan.eval_every == steps
+        assert plan.total == cfg.train.epochs * steps
+        if cfg.semi.warmup_epochs is not None:
+            assert plan.warmup == cfg.semi.warmup_epochs * steps
+
+
+def test_eval_every_accepts_iterations_or_epoch_only(tmp_path: Path) -> None:
+    assert load_config(REPO / "configs" / "synthetic_demo.yaml", ["train.eval_every=7"]).train.eval_every == 7
+    for bad in ("train.eval_every=weekly", "train.eval_every=0"):
+        with pytest.raises(ConfigError, match="train.eval_every"):
+            load_config(REPO / "configs" / "synthetic_demo.yaml", [bad])

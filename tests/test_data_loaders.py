@@ -29,6 +29,34 @@ def test_steps_per_epoch() -> None:
     assert data.steps_per_epoch(3, 8) == 1
     with pytest.raises(ConfigError):
         data.steps_per_epoch(0, 8)
+    with pytest.raises(ConfigError):
+        data.steps_per_epoch(10, 2, shards=0)
+
+
+def official_batches_per_rank(n: int, batch: int, world: int) -> int:
+    """What torch's ``DistributedSampler(shuffle=True)`` plus ``DataLoader(drop_last=True)`` yield per rank."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=world - 1, shuffle=True)
+    return len(torch.utils.data.DataLoader(range(n), batch_size=batch, sampler=sampler, drop_last=True))
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "expected"),
+    [
+        (10582 - 183, 2, 1300),  # Pascal classic, 183 labels: unlabeled epoch, 4 GPUs x 2
+        (10582 - 92, 2, 1311),
+        (10582 - 1464, 2, 1140),  # the method doc's table says 1139 (floor(n / 8))
+        (2975 - 186, 2, 349),  # Cityscapes 1/16 (the method doc says 348)
+        (2975 - 1488, 2, 186),  # Cityscapes 1/2 (the method doc says 185)
+        (366, 4, 23),  # supervised Pascal 366: labeled epoch, 4 GPUs x 4
+        (7, 2, 1),
+    ],
+)
+def test_steps_per_epoch_match_the_official_sampler(n: int, batch: int, expected: int) -> None:
+    """floor(ceil(n / W) / B) with W = 4 processes, or 1 process with 4 micro-steps, or 2 x 2."""
+    assert official_batches_per_rank(n, batch, 4) == expected
+    assert data.steps_per_epoch(n, batch, shards=4) == expected
+    for world, accum in ((4, 1), (1, 4), (2, 2)):
+        assert len(global_batches(n, batch, seed=0, epoch=0, rank=0, world_size=world, grad_accum=accum)) == expected
 
 
 def test_ranks_and_accumulation_see_the_same_samples_per_step() -> None:

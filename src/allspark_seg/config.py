@@ -182,7 +182,8 @@ class TrainConfig:
         compile: Wrap the model with ``torch.compile``.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         log_every: Iterations between log lines and ``metrics.jsonl`` records.
-        eval_every: Iterations between validations; null = once per epoch, capped to 10 per run, and at the end.
+        eval_every: Iterations between validations, or ``epoch`` for once per epoch as the official scripts do
+            (``best.pt`` is then the best epoch); null = once per epoch, capped to 10 per run. Always at the end.
         checkpoint_every: Iterations between ``last`` checkpoints (and at the end).
         deterministic: Deterministic algorithms (cudnn) where available.
         tensorboard: Also write TensorBoard events to ``OUT/tb`` (needs the ``tb`` extra).
@@ -208,7 +209,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     log_every: int = 20
-    eval_every: int | None = None
+    eval_every: int | str | None = None
     checkpoint_every: int = 500
     deterministic: bool = False
     tensorboard: bool = False
@@ -628,7 +629,13 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if train.unlabeled_batch_size is None:
         train = replace(train, unlabeled_batch_size=train.batch_size)
     _positive(cfg, "train.iterations", "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every")
-    _positive(cfg, "train.eval_every", "train.checkpoint_every", "train.lr", "model.head_dim")
+    if isinstance(train.eval_every, str) and train.eval_every != "epoch":
+        raise ConfigError(
+            f"Config key 'train.eval_every' must be a number of iterations or 'epoch', got '{train.eval_every}'."
+        )
+    if not isinstance(train.eval_every, str):
+        _positive(cfg, "train.eval_every")
+    _positive(cfg, "train.checkpoint_every", "train.lr", "model.head_dim")
     _positive(cfg, "train.unlabeled_batch_size", "model.allspark.num_heads", "model.allspark.memory_length")
     _positive(cfg, "model.embed_dims", "model.depths", "model.num_heads")
     _positive(cfg, "train.weight_decay", "train.momentum", "data.num_workers", allow_zero=True)

@@ -156,7 +156,7 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
     """
     t = cfg.train
     per_step = t.unlabeled_batch_size if cfg.method != "supervised" else t.batch_size
-    spe = steps_per_epoch(num_samples, world_size * t.grad_accum * per_step)
+    spe = steps_per_epoch(num_samples, per_step, world_size * t.grad_accum)
     total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * spe))
     s = cfg.semi
     if s.warmup_iterations is not None:
@@ -165,7 +165,12 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
         warmup = math.ceil(s.warmup_epochs * spe)
     else:
         warmup = math.ceil(total / 16)
-    eval_every = t.eval_every if t.eval_every is not None else max(spe, math.ceil(total / 10))
+    if t.eval_every == "epoch":
+        eval_every = spe
+    elif t.eval_every is not None:
+        eval_every = t.eval_every
+    else:
+        eval_every = max(spe, math.ceil(total / 10))
     return TrainingPlan(spe, total, warmup, eval_every)
 
 
