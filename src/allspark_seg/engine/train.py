@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,18 @@ def build_model_from_config(cfg: RunConfig) -> AllSparkSegmentor:
     return build_model(encoder, **kwargs)
 
 
+def record_built_model(cfg: RunConfig, model: AllSparkSegmentor) -> RunConfig:
+    """``cfg`` with the model-shaping values that building decided, so the stored config rebuilds the same model.
+
+    Loading weights sets the MiT LayerNorm eps from their source (1e-5 for Hugging Face weights, 1e-6 for NVlabs and
+    official ones); ``eval``, ``predict`` and ``export`` rebuild without the weights file and need that value.
+    """
+    eps = getattr(model.encoder, "layer_norm_eps", None)
+    if eps is None or float(eps) == cfg.model.layer_norm_eps:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, layer_norm_eps=float(eps)))
+
+
 def _autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     if precision == "fp32":
         return contextlib.nullcontext
@@ -284,6 +296,7 @@ class Trainer:
         epoch_set = self.bundle.unlabeled if semi else self.bundle.labeled
         self.plan = training_plan(cfg, len(epoch_set), env.world_size)
         self.model = build_model_from_config(cfg).to(env.device)
+        self.cfg = cfg = record_built_model(cfg, self.model)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if env.distributed:
