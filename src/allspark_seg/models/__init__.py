@@ -1,4 +1,4 @@
-"""Models: MiT encoder, SegFormer head, AllSpark block and the segmentor, built by :func:`build_model`."""
+"""Models: MiT and mobile CNN encoders, SegFormer head, AllSpark block and the segmentor (:func:`build_model`)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,36 @@ from torch import nn
 
 from ..errors import ConfigError
 from .allspark import AllSparkBlock, ChannelCrossAttention
+from .efficientnet import EfficientNetLite0Encoder
 from .head import SegFormerHead
 from .memory import SemanticMemory, channel_grouping
 from .mit import MIT_VARIANTS, MiTSpec, MixVisionTransformer, mit_output_size, resolve_mit_spec
+from .mobilenet import MobileNetV2Encoder, check_no_mit_options
 from .segmentor import AllSparkSegmentor
 
 __all__ = [
+    "CNN_ENCODERS",
     "MIT_VARIANTS",
     "AllSparkBlock",
     "AllSparkSegmentor",
     "ChannelCrossAttention",
+    "EfficientNetLite0Encoder",
     "MiTSpec",
     "MixVisionTransformer",
+    "MobileNetV2Encoder",
     "SegFormerHead",
     "SemanticMemory",
     "build_model",
     "channel_grouping",
     "mit_output_size",
 ]
+
+
+#: Convolutional encoders built by name (fixed architectures; ImageNet weights through ``pretrained``).
+CNN_ENCODERS: dict[str, type[nn.Module]] = {
+    "mobilenet_v2": MobileNetV2Encoder,
+    "efficientnet_lite0": EfficientNetLite0Encoder,
+}
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -61,17 +73,21 @@ def build_model(
     """Build an AllSpark (or plain SegFormer) segmentor.
 
     Args:
-        encoder: A MiT variant name (``mit_b0`` .. ``mit_b5``), a ``MiTSpec``, or an encoder module that returns a
-            list of NCHW maps and exposes ``out_channels`` and ``output_size(h, w)`` (see ``models.hf``).
+        encoder: A MiT variant name (``mit_b0`` .. ``mit_b5``), a ``MiTSpec``, ``mobilenet_v2`` or
+            ``efficientnet_lite0`` (see ``models.mobilenet``, ``models.efficientnet``), or an encoder module that
+            returns a list of NCHW maps and exposes ``out_channels`` and ``output_size(h, w)`` (see ``models.hf``);
+            a module with a ``load_pretrained(path)`` method loads ``pretrained`` itself.
         num_classes: Number of classes K.
         allspark: Put the AllSpark block on the last stage (False gives the paper's SegFormer baselines).
         crop_size: Training crop ``int`` or ``(h, w)``; fixes the memory grid from the encoder's stride arithmetic
             (the official ``(crop // 32 + 1) ** 2`` is wrong for multiples of 32 and for rectangles).
         head_dim: Width of the SegFormer head (768 in AllSpark).
         head_dropout: Dropout2d rate before the classifier.
-        drop_path: Stochastic depth rate of the MiT encoder.
-        layer_norm_eps: eps of the MiT block/stage norms (1e-6 official, 1e-5 for Hugging Face weights).
-        encoder_options: Overrides of ``MiTSpec`` fields, e.g. ``{"embed_dims": (8, 16, 32, 64)}`` for tiny models.
+        drop_path: Stochastic depth rate of the MiT encoder (ignored by the CNN encoders).
+        layer_norm_eps: eps of the MiT block/stage norms (1e-6 official, 1e-5 for Hugging Face weights; ignored by
+            the CNN encoders).
+        encoder_options: Overrides of ``MiTSpec`` fields, e.g. ``{"embed_dims": (8, 16, 32, 64)}`` for tiny models
+            (refused for the CNN encoders, whose architecture is fixed).
         num_heads: Heads of the AllSpark unlabeled self-attention.
         memory: Give the block a Semantic Memory.
         memory_length: Slots per class; None = the stage-4 width C (official).
@@ -82,7 +98,9 @@ def build_model(
         per_image_eval: Eval predictions independent of the rest of the batch (default) or batch-coupled (official).
         gather_memory: All-gather unlabeled channels across processes before enqueueing (default); False keeps
             local enqueues (the official behaviour relies on DDP's buffer broadcast from rank 0).
-        pretrained: Local path of ImageNet MiT weights (NVlabs ``mit_bX.pth`` or a Hugging Face directory).
+        pretrained: Local path of ImageNet encoder weights: NVlabs ``mit_bX.pth`` or a Hugging Face directory for
+            MiT, torchvision's ``mobilenet_v2-b0353104.pth`` for ``mobilenet_v2``, ``efficientnet-lite0-57934424.pth``
+            (``efficientnet_pytorch`` layout) for ``efficientnet_lite0``; their classification heads are ignored.
 
     Returns:
         The segmentor, with ``.encoder``, ``.head`` and ``.allspark`` (None when ``allspark=False``).
@@ -100,10 +118,15 @@ def build_model(
         raise ConfigError(f"memory_length must be positive, got {memory_length}.")
     if isinstance(encoder, nn.Module):
         enc = encoder
+    elif isinstance(encoder, str) and encoder in CNN_ENCODERS:
+        check_no_mit_options(encoder, encoder_options)
+        enc = CNN_ENCODERS[encoder]()
     else:
         spec = resolve_mit_spec(encoder, **(encoder_options or {}))
         enc = MixVisionTransformer(spec, drop_path_rate=drop_path, layer_norm_eps=layer_norm_eps)
-    if pretrained:
+    if pretrained and callable(getattr(enc, "load_pretrained", None)):
+        enc.load_pretrained(pretrained)
+    elif pretrained:
         from ..interop import load_encoder_weights
 
         load_encoder_weights(enc, pretrained)
