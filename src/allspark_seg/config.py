@@ -727,6 +727,24 @@ def _mit_names() -> tuple[str, ...]:
     return tuple(MIT_VARIANTS)
 
 
+def _check_encoder(model: ModelConfig) -> None:
+    """``model.encoder`` is a known name or ``hf:DIR``; MiT architecture keys are not set for the CNN encoders."""
+    from .models import CNN_ENCODERS
+
+    names = (*_mit_names(), *CNN_ENCODERS)
+    if not (model.encoder in names or model.encoder.startswith("hf:")):
+        raise ConfigError(
+            f"Config key 'model.encoder' is '{model.encoder}': choose one of {', '.join(names)} or hf:DIR."
+        )
+    if model.encoder in CNN_ENCODERS:
+        mit_keys = [f"model.{k}" for k in ("embed_dims", "depths", "num_heads") if getattr(model, k) is not None]
+        if mit_keys:
+            raise ConfigError(
+                f"Config key(s) {', '.join(mit_keys)} describe a MiT and do not apply to model.encoder="
+                f"{model.encoder}, whose architecture is fixed: remove them."
+            )
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the config as YAML (atomically)."""
     path = Path(path)
