@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from allspark_seg.models.memory import SemanticMemory, channel_grouping, ring_buffer_slots
+from numerics import argmax_margin, check_decisions, decision_bound
 
 
 def official_enqueue(bank: torch.Tensor, ptr: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor) -> None:
@@ -99,33 +100,56 @@ def test_update_needs_no_host_synchronisation():
     assert memory.bank.shape == (81, 512, 289)
 
 
-def official_grouping(emb_u: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """The official CSG: square grid from sqrt(N), bilinear resize, cosine, argmax over classes."""
+def official_similarity(emb_u: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """The official CSG's cosine similarities ``(B, K, C)``: square grid from sqrt(N), bilinear resize, cosine (its
+    argmax over classes is the channel's class)."""
     n = emb_u.shape[1]
     side = int(math.sqrt(n))
     prob = F.interpolate(prob, size=(side, side), mode="bilinear", align_corners=False).flatten(2)
-    sim = torch.matmul(F.normalize(prob, dim=-1), F.normalize(emb_u, dim=1))
-    return sim.argmax(dim=1)
+    return torch.matmul(F.normalize(prob, dim=-1), F.normalize(emb_u, dim=1))
+
+
+def check_grouping(what: str, got: torch.Tensor, sim32: torch.Tensor, sim64: torch.Tensor) -> None:
+    """float32 channel classes against the float64 argmax: equal except on near-ties (``numerics``)."""
+    bound = decision_bound(sim32, sim64, terms=2)
+    check_decisions(what, got, sim64.argmax(dim=1), argmax_margin(sim64), bound)
 
 
 def test_channel_grouping_matches_official_on_square_grids():
     torch.manual_seed(0)
     emb_u = torch.randn(2, 16, 24)
     guide = torch.randn(2, 5, 64, 64)
-    assert torch.equal(channel_grouping(emb_u, guide, (4, 4)), official_grouping(emb_u, guide))
+    emb64, guide64 = emb_u.double(), guide.double()
+    sim64 = official_similarity(emb64, guide64)
+    assert torch.equal(channel_grouping(emb64, guide64, (4, 4)), sim64.argmax(dim=1))
+    check_grouping("square grid", channel_grouping(emb_u, guide, (4, 4)), official_similarity(emb_u, guide), sim64)
+
+
+def manual_similarity(emb_u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities ``(B, K, C)`` of the class maps ``(B, K, h, w)`` and the channel maps ``(B, h * w, C)``."""
+    return F.normalize(maps.flatten(2), dim=-1) @ F.normalize(emb_u, dim=1)
 
 
 def test_channel_grouping_non_square_and_probabilities():
     torch.manual_seed(0)
     emb_u = torch.randn(2, 6, 12)  # grid 2 x 3
     guide = torch.randn(2, 4, 8, 12)
-    probs = channel_grouping(emb_u, guide, (2, 3), use_probs=True)
-    manual = F.interpolate(guide.softmax(1), size=(2, 3), mode="bilinear", align_corners=False).flatten(2)
-    expected = (F.normalize(manual, dim=-1) @ F.normalize(emb_u, dim=1)).argmax(1)
-    assert probs.shape == (2, 12) and torch.equal(probs, expected)
-    area = channel_grouping(emb_u, guide, (2, 3), resize="area")
-    pooled = F.adaptive_avg_pool2d(guide, (2, 3)).flatten(2)
-    assert torch.equal(area, (F.normalize(pooled, dim=-1) @ F.normalize(emb_u, dim=1)).argmax(1))
+
+    def probs_maps(g: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(g.softmax(1), size=(2, 3), mode="bilinear", align_corners=False)
+
+    def area_maps(g: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(g, (2, 3))
+
+    for what, options, maps in (
+        ("probabilities", {"use_probs": True}, probs_maps),
+        ("area", {"resize": "area"}, area_maps),
+    ):
+        got64 = channel_grouping(emb_u.double(), guide.double(), (2, 3), **options)
+        sim64 = manual_similarity(emb_u.double(), maps(guide.double()))
+        assert got64.shape == (2, 12) and torch.equal(got64, sim64.argmax(dim=1))
+        got = channel_grouping(emb_u, guide, (2, 3), **options)
+        check_grouping(what, got, manual_similarity(emb_u, maps(guide)), sim64)
 
 
 def test_memory_buffers_are_saved_and_restored():

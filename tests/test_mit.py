@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from allspark_seg.errors import ConfigError
 from allspark_seg.models import MIT_VARIANTS, MixVisionTransformer, mit_output_size
 from allspark_seg.models.mit import resolve_mit_spec
 from conftest import TINY_ENCODER
+from numerics import check32, rel_max
 
 # SegFormer paper, Table 6 / NVlabs mix_transformer.py.
 PAPER = {
@@ -73,16 +76,23 @@ def test_drop_path_rates_increase_linearly():
     assert rates == pytest.approx([0.1 * i for i in range(8)])
 
 
+def manual_attention(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out for block 4 (2 heads of 32, no spatial reduction) on ``x`` ``(2, 6, 64)``."""
+    q = attn.q(x).reshape(2, 6, 2, 32).transpose(1, 2)
+    k, v = attn.kv(x).reshape(2, 6, 2, 2, 32).permute(2, 0, 3, 1, 4)
+    out = ((q @ k.transpose(-2, -1)) * 32**-0.5).softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(2, 6, 64))
+
+
 def test_attention_matches_manual_softmax_attention():
     torch.manual_seed(0)
     enc = MixVisionTransformer(resolve_mit_spec("mit_b0", **TINY_ENCODER)).eval()
     attn = enc.block4[0].attn  # 2 heads, no spatial reduction
+    attn64 = copy.deepcopy(attn).double()
     x = torch.randn(2, 6, 64)
-    q = attn.q(x).reshape(2, 6, 2, 32).transpose(1, 2)
-    k, v = attn.kv(x).reshape(2, 6, 2, 2, 32).permute(2, 0, 3, 1, 4)
-    manual = ((q @ k.transpose(-2, -1)) * 32**-0.5).softmax(-1) @ v
-    manual = attn.proj(manual.transpose(1, 2).reshape(2, 6, 64))
-    torch.testing.assert_close(attn(x, 2, 3), manual, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert rel_max(attn64(x.double(), 2, 3), manual_attention(attn64, x.double())) < 1e-13
+        check32("MiT attention", attn(x, 2, 3), manual_attention(attn, x), manual_attention(attn64, x.double()))
 
 
 def test_too_small_input_is_a_clear_error():
