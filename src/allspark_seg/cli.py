@@ -281,7 +281,8 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         num_unlabeled=args.unlabeled,
         num_val=args.val,
         image_size=args.size,
-        num_classes=args.classes,
+        num_classes=args.classes if args.classes is not None else (6 if args.kind == "shapes" else 2),
+        kind=args.kind,
     )
     print(f"Wrote the synthetic dataset to {root} (labeled/, unlabeled/, val/, classes.txt).")
     return 0
@@ -418,8 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=400, help="unlabeled images")
     p.add_argument("--val", type=int, default=100, help="validation images")
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
-    p.add_argument("--classes", type=int, default=6, help="classes including the background (2..10)")
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="classes incl. background (shapes 2..10, default 6; digits 2..11, cells 2..3, default 2)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument(
+        "--kind",
+        choices=("shapes", "digits", "cells"),
+        default="shapes",
+        help="shapes (generated), digits (MNIST digits on photographs) or cells (microscopy); docs/data.md",
+    )
     p.set_defaults(func=cmd_synthetic)
 
     from .experiment import add_experiment_parser  # the study runner's options live next to its logic

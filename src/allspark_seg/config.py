@@ -115,7 +115,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The built-in synthetic dataset (``data.synthetic.*``), generated into ``data.root``."""
+    """The built-in synthetic dataset (``data.synthetic.*``), generated into ``data.root``.
+
+    ``kind``: ``shapes`` (generated shapes, 2..10 classes), or a task built from real images (``digits``: MNIST
+    digits on photographs, 2..11 classes; ``cells``: microscopy crops, 2..3 classes; see ``docs/data.md``).
+    """
 
     num_labeled: int = 24
     num_unlabeled: int = 400
@@ -123,6 +127,7 @@ class SyntheticConfig:
     image_size: int = 96
     num_classes: int = 6
     seed: int = 0
+    kind: str = "shapes"
 
 
 @dataclass(frozen=True)
@@ -400,6 +405,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.allspark.grouping_resize": ("bilinear", "area"),
     "model.allspark.memory_sync": ("all_gather", "rank0"),
     "data.format": FORMATS,
+    "data.synthetic.kind": ("shapes", "digits", "cells"),
     "data.pipeline": ("allspark", "unimatch"),
     "train.optimizer": ("sgd", "adamw"),
     "train.loss": ("ce", "ohem"),

@@ -225,7 +225,8 @@ def _slug(name: str) -> str:
 def _synthetic_root(cfg: RunConfig, out_dir: Path) -> Path:
     """A shared folder per synthetic dataset description."""
     s = cfg.data.synthetic
-    key = json.dumps([s.num_labeled, s.num_unlabeled, s.num_val, s.image_size, s.num_classes, s.seed])
+    values = [s.num_labeled, s.num_unlabeled, s.num_val, s.image_size, s.num_classes, s.seed]
+    key = json.dumps(values if s.kind == "shapes" else [*values, s.kind])  # the shapes' folders keep their names
     return out_dir / "data" / hashlib.sha1(key.encode()).hexdigest()[:10]
 
 

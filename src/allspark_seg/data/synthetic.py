@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -218,25 +219,18 @@ def _is_current(root: Path, manifest: dict[str, Any]) -> bool:
     return all(_count(folder) == n for folder, n in expected.items())
 
 
-def _write_subset(
-    subset: str,
-    count: int,
-    *,
-    seed: int,
-    image_size: int,
-    num_classes: int,
-    max_objects: int,
-    image_dir: Path,
-    mask_dir: Path | None,
-) -> None:
+#: Renders sample ``i`` of a subset (``labeled``, ``unlabeled`` or ``val``): ``(H, W, 3)`` uint8 image, ``(H, W)`` mask.
+Renderer = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _write_subset(subset: str, count: int, render: Renderer, image_dir: Path, mask_dir: Path | None) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     if mask_dir is not None:
         mask_dir.mkdir(parents=True, exist_ok=True)
     prefix = {"labeled": "l", "unlabeled": "u", "val": "v"}[subset]
 
     def write(i: int) -> None:
-        rng = np.random.default_rng([seed, _SUBSETS[subset], i])
-        image, mask = render_sample(rng, image_size, num_classes, max_objects)
+        image, mask = render(subset, i)
         name = f"{prefix}{i:05d}.png"
         Image.fromarray(image).save(image_dir / name, compress_level=1)
         if mask_dir is not None:
@@ -244,6 +238,66 @@ def _write_subset(
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         list(pool.map(write, range(count)))
+
+
+def write_dataset(root: Path, manifest: dict[str, Any], render: Renderer, names: Sequence[str], what: str) -> Path:
+    """Write (or reuse) a generated dataset in the folder layout, atomically.
+
+    Args:
+        root: target folder; must be empty, absent, or a dataset written earlier by this module.
+        manifest: the full description (with ``num_labeled``, ``num_unlabeled``, ``num_val`` and
+            ``unlabeled_masks``); an existing dataset with an equal manifest is reused.
+        render: draws sample ``i`` of a subset; it must depend only on its arguments.
+        names: class names written to ``classes.txt``.
+        what: the dataset's name in log messages.
+
+    Returns:
+        The dataset root.
+
+    Raises:
+        DataError: ``root`` holds other files.
+    """
+    if _is_current(root, manifest):
+        log.info("reusing the %s dataset in %s", what, root)
+        return root
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "manifest.json").is_file())):
+        raise DataError(f"{root} exists and is not a synthetic dataset; choose an empty or new folder.")
+    start = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write_subset("labeled", manifest["num_labeled"], render, tmp / "labeled" / "images", tmp / "labeled" / "masks")
+        _write_subset(
+            "unlabeled",
+            manifest["num_unlabeled"],
+            render,
+            tmp / "unlabeled",
+            tmp / "unlabeled_masks" if manifest["unlabeled_masks"] else None,
+        )
+        _write_subset("val", manifest["num_val"], render, tmp / "val" / "images", tmp / "val" / "masks")
+        (tmp / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, old / "data")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_current(root, manifest):  # another process wrote the same dataset first
+            return root
+        raise
+    log.info(
+        "wrote the %s dataset (%d labeled, %d unlabeled, %d val, %d classes) to %s in %.1f s",
+        what,
+        manifest["num_labeled"],
+        manifest["num_unlabeled"],
+        manifest["num_val"],
+        len(names),
+        root,
+        time.perf_counter() - start,
+    )
+    return root
 
 
 def generate_synthetic(
@@ -256,7 +310,8 @@ def generate_synthetic(
     image_size: int = 96,
     num_classes: int = 6,
     unlabeled_masks: bool = True,
-    max_objects: int = 5,
+    max_objects: int | None = None,
+    kind: str = "shapes",
 ) -> Path:
     """Write (or reuse) the synthetic dataset in the folder layout.
 
@@ -269,16 +324,34 @@ def generate_synthetic(
         image_size: side of the square images in pixels.
         num_classes: K including the background (2..10).
         unlabeled_masks: also write the ground truth of the unlabeled images (diagnostics only).
-        max_objects: most objects per image.
+        max_objects: most objects per image; null = the kind's default (5 shapes, 3 digits).
+        kind: ``shapes`` (this module), or a task built from real images (``digits``, ``cells``: see
+            :mod:`allspark_seg.data.realtasks`).
 
     Returns:
         The dataset root.
 
     Raises:
-        DataError: ``root`` holds other files.
-        ConfigError: bad sizes.
+        DataError: ``root`` holds other files, or the source package of a real-image task is not installed.
+        ConfigError: bad sizes or kind.
     """
+    if kind != "shapes":
+        from allspark_seg.data.realtasks import generate_real_task  # it builds on this module
+
+        return generate_real_task(
+            root,
+            task=kind,
+            seed=seed,
+            num_labeled=num_labeled,
+            num_unlabeled=num_unlabeled,
+            num_val=num_val,
+            image_size=image_size,
+            num_classes=num_classes,
+            unlabeled_masks=unlabeled_masks,
+            max_objects=max_objects,
+        )
     _check_classes(num_classes)
+    max_objects = 5 if max_objects is None else max_objects
     if seed < 0 or min(num_labeled, num_unlabeled, num_val) < 1 or image_size < 8 or max_objects < 1:
         raise ConfigError(
             "The synthetic dataset needs seed >= 0, at least one image per subset, image_size >= 8 and "
@@ -295,51 +368,9 @@ def generate_synthetic(
         unlabeled_masks=unlabeled_masks,
         max_objects=max_objects,
     )
-    if _is_current(root, manifest):
-        log.info("reusing the synthetic dataset in %s", root)
-        return root
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "manifest.json").is_file())):
-        raise DataError(f"{root} exists and is not a synthetic dataset; choose an empty or new folder.")
-    start = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        common = {"seed": seed, "image_size": image_size, "num_classes": num_classes, "max_objects": max_objects}
-        _write_subset(
-            "labeled",
-            num_labeled,
-            **common,
-            image_dir=tmp / "labeled" / "images",
-            mask_dir=tmp / "labeled" / "masks",
-        )
-        _write_subset(
-            "unlabeled",
-            num_unlabeled,
-            **common,
-            image_dir=tmp / "unlabeled",
-            mask_dir=tmp / "unlabeled_masks" if unlabeled_masks else None,
-        )
-        _write_subset("val", num_val, **common, image_dir=tmp / "val" / "images", mask_dir=tmp / "val" / "masks")
-        (tmp / "classes.txt").write_text("\n".join(class_names(num_classes)) + "\n", encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "data")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_current(root, manifest):  # another process wrote the same dataset first
-            return root
-        raise
-    log.info(
-        "wrote the synthetic dataset (%d labeled, %d unlabeled, %d val, %d px, %d classes) to %s in %.1f s",
-        num_labeled,
-        num_unlabeled,
-        num_val,
-        image_size,
-        num_classes,
-        root,
-        time.perf_counter() - start,
-    )
-    return root
+
+    def render(subset: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([seed, _SUBSETS[subset], i])
+        return render_sample(rng, image_size, num_classes, max_objects)
+
+    return write_dataset(root, manifest, render, class_names(num_classes), "synthetic")

@@ -58,6 +58,7 @@ def ensure_synthetic(cfg: RunConfig, root: Path) -> None:
         num_val=s.num_val,
         image_size=s.image_size,
         num_classes=s.num_classes,
+        kind=s.kind,
     )
 
 
