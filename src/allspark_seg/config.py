@@ -727,12 +727,6 @@ def _check_hf_pretrained(model: ModelConfig) -> None:
         )
 
 
-def _mit_names() -> tuple[str, ...]:
-    from .models.mit import MIT_VARIANTS
-
-    return tuple(MIT_VARIANTS)
-
-
 def _check_encoder(model: ModelConfig) -> None:
     """``model.encoder`` is a known name or ``hf:DIR``; MiT architecture keys are not set for the CNN encoders."""
     from .models import CNN_ENCODERS
@@ -749,6 +743,12 @@ def _check_encoder(model: ModelConfig) -> None:
                 f"Config key(s) {', '.join(mit_keys)} describe a MiT and do not apply to model.encoder="
                 f"{model.encoder}, whose architecture is fixed: remove them."
             )
+
+
+def _mit_names() -> tuple[str, ...]:
+    from .models.mit import MIT_VARIANTS
+
+    return tuple(MIT_VARIANTS)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
