@@ -152,3 +152,35 @@ def test_bad_settings_fail_before_training(tmp_path, base_config, monkeypatch):
     monkeypatch.setattr(train_module, "fit", lambda *a, **k: pytest.fail("trained with a bad setting"))
     with pytest.raises(ConfigError, match="Setting 'method=nosuch'"):
         E.run_experiment(base_config, tmp_path / "x", seeds=[0], grids=["method=supervised,nosuch"])
+
+
+def test_variant_seed_counts_limit_a_row_to_the_first_seeds(tmp_path, base_config):
+    one = E.parse_variant("probe@1:method=supervised train.lr=0.05")
+    assert (one.name, one.num_seeds, one.overrides) == ("probe", 1, ("method=supervised", "train.lr=0.05"))
+    assert E.parse_variant("key:method=supervised").num_seeds is None
+    for bad in ("probe@:method=supervised", "probe@0:x=1", "probe@two:x=1"):
+        with pytest.raises(ConfigError, match="--variant"):
+            E.parse_variant(bad)
+    settings = E.expand_settings([one, E.parse_variant("key:method=supervised")], [("train.lr", ["0.1", "0.2"])])
+    runs = E.plan_runs(base_config, tmp_path, settings, [4, 7, 9])
+    count = {s.name: [r.seed for r in runs if r.setting == s] for s in settings}
+    assert count == {"probe lr=0.1": [4], "probe lr=0.2": [4], "key lr=0.1": [4, 7, 9], "key lr=0.2": [4, 7, 9]}
+    assert all(r.folder.parent.name.startswith(("probe", "key")) and "@" not in str(r.folder) for r in runs)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_runs_as_one_after_the_other(tmp_path, base_config):
+    """Two spawned one-thread processes train exactly what the sequential loop trains (same records, same order)."""
+    kw = {"seeds": [0, 1], "grids": ["method=supervised,selftrain"]}
+    sequential = E.run_experiment(base_config, tmp_path / "one", **kw)
+    settings = E.expand_settings([], [E.parse_grid(g) for g in kw["grids"]])
+    runs = E.plan_runs(base_config, tmp_path / "two", settings, kw["seeds"])
+    parallel = E.run_pending(base_config, runs, jobs=2, threads=1)
+    assert set(parallel) == {r.folder for r in runs}
+    ordered = [parallel[r.folder] for r in runs]
+    keys = ("setting", "seed", "status", "best_miou", "best_step", "final_miou", "step")
+    assert [{k: r[k] for k in keys} for r in ordered] == [{k: r[k] for k in keys} for r in sequential.runs]
+    for run in runs:
+        assert "iteration" in (run.folder / "train.log").read_text()  # the worker's INFO records reach the run log
+    with pytest.raises(ConfigError, match="--jobs"):
+        E.run_pending(base_config, runs, jobs=0)

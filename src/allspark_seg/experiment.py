@@ -8,7 +8,10 @@ seeds, one after the other, each run in its own folder. Settings are the product
   brackets or quotes do not split (``--grid 'eval.scales=[1.0],[0.75,1.0]'``).
 - ``--variant 'NAME:KEY=VALUE KEY=VALUE'`` (repeatable): a named row, e.g. an ablation
   ``--variant 'no-memory:method=allspark+ model.allspark.memory=false'``; the overrides after the colon are split like
-  a shell command line. Without variants every setting is the base config plus its grid values.
+  a shell command line. ``NAME@K:...`` trains that row with the first ``K`` seeds only (a one-seed row of a study
+  whose key rows get three). Without variants every setting is the base config plus its grid values.
+- ``--jobs N``: N runs at a time, each in its own process with ``cores / N`` PyTorch threads (on a 2-core CPU two
+  one-thread runs finish sooner than one two-thread run after the other).
 
 Overrides apply in this order (a later one wins): the config file, ``--set``, the variant, the grid values, then
 ``train.seed``. The base config should leave the ``semi.*`` preset keys unset when the grid or the variants change
@@ -38,11 +41,14 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import platform
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,11 +86,13 @@ class Setting:
         name: Unique readable name (variant, then ``key=value`` of each grid axis).
         overrides: ``key=value`` overrides on top of the base config.
         labels: Column values of the results table: ``variant`` and one entry per grid key.
+        num_seeds: Train only the first ``num_seeds`` seeds of the study (None: all).
     """
 
     name: str
     overrides: tuple[str, ...]
     labels: tuple[tuple[str, str], ...] = ()
+    num_seeds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,17 +161,19 @@ def parse_grid(text: str) -> tuple[str, list[str]]:
 
 
 def parse_variant(text: str) -> Setting:
-    """``"no-memory:method=allspark+ model.allspark.memory=false"`` -> a named setting.
+    """``"no-memory:method=allspark+ model.allspark.memory=false"`` -> a named setting; ``"NAME@1:..."`` limits it
+    to the study's first seed.
 
     Raises:
-        ConfigError: No name, or an override without ``=``.
+        ConfigError: No name, an override without ``=``, or a seed count that is not a positive integer.
     """
     name, sep, rest = text.partition(":")
+    name, at, count = name.strip().partition("@")
     name = name.strip()
-    if not sep or not name or "/" in name:
+    if not sep or not name or "/" in name or (at and not count.strip().isdigit()) or (at and int(count) < 1):
         raise ConfigError(
-            f"--variant '{text}' must look like NAME:KEY=VALUE [KEY=VALUE ...] (e.g. 'no-memory:model.allspark."
-            "memory=false'), with a name without '/'."
+            f"--variant '{text}' must look like NAME:KEY=VALUE [KEY=VALUE ...] or NAME@SEEDS:... (e.g. "
+            "'no-memory@1:model.allspark.memory=false'), with a name without '/' and a positive seed count."
         )
     try:
         overrides = tuple(shlex.split(rest))
@@ -172,7 +182,7 @@ def parse_variant(text: str) -> Setting:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"--variant '{text}': '{bad[0]}' is not a KEY=VALUE override.")
-    return Setting(name, overrides, (("variant", name),))
+    return Setting(name, overrides, (("variant", name),), int(count) if at else None)
 
 
 def parse_seeds(text: str | int) -> list[int]:
@@ -209,7 +219,7 @@ def expand_settings(variants: Sequence[Setting], grids: Sequence[tuple[str, list
         parts = ([row.name] if row.name else []) + [f"{_short(k, keys)}={v}" for k, v in pairs]
         labels = row.labels + tuple((_short(k, keys), v) for k, v in pairs)
         overrides = row.overrides + tuple(f"{k}={v}" for k, v in pairs)
-        settings.append(Setting(" ".join(parts) or "base", overrides, labels))
+        settings.append(Setting(" ".join(parts) or "base", overrides, labels, row.num_seeds))
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
         raise ConfigError(f"The settings of this study do not have distinct names: {', '.join(names)}.")
@@ -243,7 +253,9 @@ def plan_runs(
         ConfigError: Any run's config is invalid (nothing has been trained then).
     """
     runs = []
-    for seed, setting in itertools.product(seeds, settings):
+    for (k, seed), setting in itertools.product(enumerate(seeds), settings):
+        if setting.num_seeds is not None and k >= setting.num_seeds:
+            continue
         full = (*overrides, *setting.overrides, f"train.seed={seed}")
         try:
             cfg = load_config(config, full)
@@ -356,6 +368,7 @@ def run_experiment(
     variants: Sequence[str] = (),
     train: bool = True,
     command: str | None = None,
+    jobs: int = 1,
 ) -> ExperimentResult:
     """Run (or resume) a study and write its table, curves and report.
 
@@ -368,6 +381,7 @@ def run_experiment(
         variants: ``NAME:KEY=VALUE ...`` rows (see :func:`parse_variant`).
         train: False only reports the runs already finished (``--report-only``).
         command: The command line to quote in the report.
+        jobs: Runs trained at a time, each in its own process (see :func:`run_pending`).
 
     Returns:
         The per-run records, the summary and the written files.
@@ -379,20 +393,60 @@ def run_experiment(
     out = Path(out_dir)
     settings = expand_settings([parse_variant(v) for v in variants], [parse_grid(g) for g in grids])
     runs = plan_runs(config, out, settings, list(seeds), overrides)
-    records = []
-    for i, run in enumerate(runs, start=1):
-        done = run.folder / RUN_FILE
-        if done.is_file():
-            records.append(json.loads(done.read_text()))
-            continue
-        if not train:
-            continue
-        log.info("run %d/%d: %s, seed %d -> %s", i, len(runs), run.setting.name, run.seed, run.folder)
-        records.append(_run_one(config, run))
-        gc.collect()
+    finished = {run.folder: json.loads((run.folder / RUN_FILE).read_text()) for run in runs if _finished(run)}
+    if train:
+        finished |= run_pending(config, [run for run in runs if run.folder not in finished], jobs)
+    records = [finished[run.folder] for run in runs if run.folder in finished]
     summary = summarize(settings, records)
     files = write_outputs(out, config, settings, runs, records, summary, command)
     return ExperimentResult(out, records, summary, files, time.perf_counter() - start)
+
+
+def _finished(run: RunSpec) -> bool:
+    return (run.folder / RUN_FILE).is_file()
+
+
+def run_pending(
+    config: str | Path | None, runs: Sequence[RunSpec], jobs: int = 1, threads: int | None = None
+) -> dict[Path, dict[str, Any]]:
+    """Train ``runs`` (resuming unfinished ones); returns their records by folder.
+
+    With ``jobs > 1`` the runs go to a pool of ``jobs`` fresh processes (spawned, so no state is shared), each with
+    ``threads`` PyTorch threads (default ``max(1, cores // jobs)``); the synthetic datasets are generated here first,
+    so that no two processes write the same one.
+
+    Raises:
+        ConfigError: ``jobs`` is not positive.
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be a positive number of parallel runs, got {jobs}.")
+    records: dict[Path, dict[str, Any]] = {}
+    if jobs == 1 or len(runs) <= 1:
+        for i, run in enumerate(runs, start=1):
+            log.info("run %d/%d: %s, seed %d -> %s", i, len(runs), run.setting.name, run.seed, run.folder)
+            records[run.folder] = _run_one(config, run)
+            gc.collect()
+        return records
+    from .engine.data import ensure_synthetic
+
+    for root, cfg in {cfg.data.root: cfg for cfg in (load_config(config, r.overrides) for r in runs)}.items():
+        if cfg.data.format == "synthetic":
+            ensure_synthetic(cfg, Path(root))
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, config, run): run for run in runs}
+        for i, future in enumerate(as_completed(futures), start=1):
+            run = futures[future]
+            records[run.folder] = future.result()
+            log.info("run %d/%d done: %s, seed %d -> %s", i, len(runs), run.setting.name, run.seed, run.folder)
+    return records
+
+
+def _init_worker(threads: int) -> None:
+    """A pool process: its PyTorch threads, and the package's INFO records for each run's ``train.log``."""
+    torch.set_num_threads(threads)
+    logging.getLogger("allspark_seg").setLevel(logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -598,6 +652,7 @@ def add_experiment_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
         metavar="'NAME:KEY=V ...'",
         help="a named setting (e.g. an ablation row); repeatable; crossed with the grid",
     )
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
     p.set_defaults(func=cmd_experiment)
     return p
@@ -613,6 +668,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         grids=args.grid,
         variants=args.variant,
         train=not args.report_only,
+        jobs=args.jobs,
         command=shlex.join(["allspark-seg", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else None,
     )
     if result.summary:
