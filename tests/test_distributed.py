@@ -1,9 +1,10 @@
-"""Two gloo processes on the CPU against one process with the same global batch."""
+"""Two gloo processes on the CPU against one process with the same global batch, with or without accumulation."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,3 +88,122 @@ def test_faithful_rank0_memory_option(tmp_path, data_root):
     # Only the slots each process wrote in its last step differ (2 images x 64 channels per process); without the
     # broadcast the two memories would hold different channels everywhere after 4 steps.
     assert 0 < int(differing.sum()) <= 2 * 2 * 64
+
+
+def model_state(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"rank{rank}.pt", weights_only=True)
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Bit-identical logged losses, final weights, Semantic Memory and optimiser state of two runs (rank 0)."""
+    assert losses(a) == losses(b)
+    state_a, state_b = model_state(a), model_state(b)
+    assert state_a.keys() == state_b.keys()
+    for key, value in state_a.items():
+        assert torch.equal(value, state_b[key]), key
+    opt_a = torch.load(a / "last.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(b / "last.pt", weights_only=True)["optimizer"]["state"]
+    for key, value in opt_a.items():
+        assert torch.equal(value["momentum_buffer"], opt_b[key]["momentum_buffer"]), key
+
+
+# One process with train.grad_accum=G plays G processes: micro-step k of a step is process k (same samples, the
+# dropout and drop-path masks of process k, the official batch-coupled teacher on the same 2 images, the Semantic
+# Memory as model.allspark.memory_sync defines it across processes). Training-mode BatchNorm cannot match (the
+# global batch's statistics are not known one micro-batch at a time), so these runs freeze it (--frozen-bn).
+
+
+def test_accumulation_equals_processes_with_the_official_rank0_memory(tmp_path, data_root):
+    """``memory_sync=rank0``, the memory read from the first step, dropout on: bit-identical to 2 processes.
+
+    Every micro-step starts from the memory the step started with (process k starts from rank 0's memory), adds its
+    own unlabeled channels and reads them; the step keeps micro-step 0's additions (rank 0's), as DDP's broadcast
+    keeps rank 0's memory.
+    """
+    common = ("--frozen-bn", "model.allspark.memory_sync=rank0", "semi.warmup_iterations=0")
+    run(tmp_path / "ddp", data_root, 2, 2, *common)
+    run(tmp_path / "accum", data_root, 2, 1, *common, "train.grad_accum=2")
+    assert_same_training(tmp_path / "ddp", tmp_path / "accum")
+    rows = [json.loads(line) for line in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["memory_read"] for r in rows if r["type"] == "train")
+
+
+@pytest.mark.slow
+def test_processes_with_accumulation_equal_one_process_with_more_micro_steps(tmp_path, data_root):
+    """2 processes x 2 micro-steps play 1 process x 4 (virtual process ``r * 2 + k``), rank0 memory read.
+
+    The two layouts sum the 4 micro-batch gradients in different orders (float rounding), so the weights are kept
+    still (``--zero-lr``) while the memory evolves: rank 1's micro-steps must start from rank 0's memory of the
+    previous step (broadcast before the step), or its losses would differ by far more than rounding.
+    """
+    common = ("--frozen-bn", "--zero-lr", "model.allspark.memory_sync=rank0", "semi.warmup_iterations=0")
+    run(tmp_path / "ddp", data_root, 2, 2, *common, "train.grad_accum=2")
+    run(tmp_path / "accum", data_root, 2, 1, *common, "train.grad_accum=4")
+    ddp, accum = torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(tmp_path / "accum"))
+    # Each is a float32 sum of the same 4 positive losses / 4, in another order: within 3 eps of the exact mean.
+    assert ((ddp - accum).abs() <= 6 * torch.finfo(torch.float32).eps * accum).all(), (ddp, accum)
+    assert len(set(accum.tolist())) == len(accum)  # the memory moved the losses
+    state_ddp, state_accum = model_state(tmp_path / "ddp"), model_state(tmp_path / "accum")
+    for key, value in state_accum.items():
+        assert torch.equal(value, state_ddp[key]), key
+
+
+def test_accumulation_equals_processes_with_the_gathered_memory_during_the_warmup(tmp_path, data_root):
+    """``memory_sync=all_gather`` (default), dropout on: bit-identical to 2 processes while the memory is not read.
+
+    The memory after every step holds the micro-batches of all micro-steps in order, as every process holds the
+    all-gathered batches of all processes. (Once it is read, micro-step k reads it with micro-batches 0..k of the
+    step where the processes read it with all of them: documented, not equal.)
+    """
+    common = ("--frozen-bn", "semi.warmup_iterations=100")
+    run(tmp_path / "ddp", data_root, 2, 2, *common)
+    run(tmp_path / "accum", data_root, 2, 1, *common, "train.grad_accum=2")
+    assert_same_training(tmp_path / "ddp", tmp_path / "accum")
+    assert int(model_state(tmp_path / "accum")["allspark.attn.memory.filled"].sum()) > 0
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_two_process_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, data_root):
+    """Dropout on, so each process's own masks matter: SIGKILL both processes after a checkpoint, run again."""
+    args = ("model.allspark.memory_sync=rank0", "semi.warmup_iterations=3", "train.iterations=16")
+    args += ("train.checkpoint_every=2", "train.log_every=100")
+    run(tmp_path / "straight", data_root, 2, 2, *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    cmd += [str(out), data_root, "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    workers = children(proc.pid)  # torchrun starts each worker in a session of its own
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    assert len(workers) == 2
+    killed_at = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 2 <= killed_at < 16, "the run should have been killed mid-way"
+    run(out, data_root, 2, 2, *args)
+    for rank in (0, 1):  # rank 1's memory differs from rank 0's (rank0 sync): both must be reproduced
+        straight, resumed = model_state(tmp_path / "straight", rank), model_state(out, rank)
+        for key, value in straight.items():
+            assert torch.equal(value, resumed[key]), (rank, key)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 16
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"]), key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
     monkeypatch.setitem(recipes.RECIPES, "allspark", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match="non-finite before iteration 5.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite in iteration 5 \(loss=nan.*last good checkpoint"):
         fit(tiny_config(data_root, iterations=8, checkpoint_every=2, log_every=1), out)
     saved = load_checkpoint(out / "last.pt")
     assert saved["step"] == 4
@@ -214,3 +215,98 @@ def test_tensorboard_without_the_extra_is_a_clear_error(tmp_path, data_root, mon
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(AllSparkError, match=r"pip install 'allspark-seg\[tb\]'"):
         fit(tiny_config(data_root, overrides=("train.tensorboard=true",), iterations=1), tmp_path / "run")
+
+
+def test_non_finite_loss_in_an_earlier_micro_step_never_reaches_the_optimiser(tmp_path, data_root, monkeypatch):
+    """A NaN in micro-step 0 of iteration 3 (of 2) stops the run before that iteration's optimiser step."""
+    calls = {"n": 0}
+    original = recipes.RECIPES["allspark"]
+
+    def poisoned(ctx, batch_l, batch_u, *, use_memory):
+        out = original(ctx, batch_l, batch_u, use_memory=use_memory)
+        calls["n"] += 1
+        if calls["n"] == 5:  # iteration 3, micro-step 0: the last micro-step (call 6) is finite
+            out.loss = out.loss * float("nan")
+        return out
+
+    steps = []
+    sgd_step = torch.optim.SGD.step
+
+    def checked_step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        assert all(torch.isfinite(g).all() for g in grads), "a non-finite gradient reached optimizer.step()"
+        steps.append(len(grads))
+        return sgd_step(self, *args, **kwargs)
+
+    monkeypatch.setitem(recipes.RECIPES, "allspark", poisoned)
+    monkeypatch.setattr(torch.optim.SGD, "step", checked_step)
+    out = tmp_path / "run"
+    cfg = tiny_config(data_root, overrides=("train.grad_accum=2",), iterations=8, checkpoint_every=2, log_every=4)
+    trainer = Trainer(cfg, out, DistEnv(), None)
+    with pytest.raises(TrainingDiverged, match=r"non-finite in iteration 3 \(loss=nan.*last good checkpoint"):
+        trainer.run()
+    assert len(steps) == 2  # iterations 1 and 2 only
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_logged_losses_are_means_over_all_micro_steps(tmp_path, data_root, monkeypatch):
+    seen: list[dict[str, torch.Tensor]] = []
+    original = recipes.RECIPES["allspark"]
+
+    def spy(ctx, batch_l, batch_u, *, use_memory):
+        out = original(ctx, batch_l, batch_u, use_memory=use_memory)
+        seen.append(out.logs)
+        return out
+
+    monkeypatch.setitem(recipes.RECIPES, "allspark", spy)
+    cfg = tiny_config(data_root, overrides=("train.grad_accum=3",), iterations=4, log_every=2)
+    fit(cfg, tmp_path / "run")
+    train = records(tmp_path / "run")
+    assert [r["step"] for r in train] == [2, 4] and len(seen) == 12
+    for r, window in zip(train, (seen[:6], seen[6:]), strict=True):
+        for key in ("loss", "loss_x", "loss_u"):
+            steps = [(m[0][key] + m[1][key] + m[2][key]) / 3 for m in (window[:3], window[3:])]
+            assert r[key] == float((steps[0] + steps[1]) / 2), key
+    assert len({r["loss"] for r in train}) == 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root):
+    """A 2-iteration run whose ``last.pt`` the resume checks read."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    fit(tiny_config(data_root, iterations=2), out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.grad_accum=2", "train.grad_accum=1 but this run has train.grad_accum=2"),
+        ("train.batch_size=1", "train.batch_size=2 but this run has train.batch_size=1"),
+        ("train.unlabeled_batch_size=4", "train.unlabeled_batch_size=2 but this run has train.unlabeled_batch_size=4"),
+        ("train.seed=1", "train.seed=0 but this run has train.seed=1"),
+        ("semi.ema=true", "semi.ema=false but this run has semi.ema=true"),
+        ("semi.conf_thresh=0.9", "semi.conf_thresh=0.0 but this run has semi.conf_thresh=0.9"),
+        ("semi.warmup_iterations=5", "semi.warmup_iterations=null but this run has semi.warmup_iterations=5"),
+    ],
+)
+def test_resuming_with_another_layout_or_semi_setting_is_refused(tmp_path, data_root, finished_run, override, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes((finished_run / "last.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        fit(tiny_config(data_root, overrides=(override,), iterations=4), out)
+    assert load_checkpoint(out / "last.pt")["step"] == 2  # nothing overwritten
+
+
+def test_resuming_with_another_world_size_is_refused(tmp_path, data_root, finished_run):
+    saved = load_checkpoint(finished_run / "last.pt")
+    assert saved["world_size"] == 1
+    saved["world_size"] = 2  # as if written by torchrun --nproc_per_node=2
+    out = tmp_path / "run"
+    atomic_save(saved, out / "last.pt")
+    with pytest.raises(CheckpointError, match="written by 2 processes but this run has 1"):
+        fit(tiny_config(data_root, iterations=4), out)

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from allspark_seg.data import palette as pal
 from allspark_seg.data.splits import IMAGE_EXTENSIONS, Item, read_split_file, sample_name
-from allspark_seg.data.transforms import PIPELINES, apply_pipeline, normalize, sample_rng
+from allspark_seg.data.transforms import PIPELINES, ROLE_STREAMS, apply_pipeline, normalize, sample_rng
 from allspark_seg.errors import ConfigError, DataError
 
 __all__ = [
@@ -744,7 +744,8 @@ class TrainDataset(Dataset):
     The id list is repeated and truncated to ``length`` (the official code repeats the labeled ids to the length of
     the unlabeled list). ``index`` may exceed ``len(self)``: it wraps around, and the extra laps (used by the
     sampler when a dataset is smaller than a global batch) get fresh augmentations since the random generator is
-    ``np.random.default_rng([seed, epoch, index])``.
+    ``np.random.default_rng([seed, epoch, index, stream])``, where the stream is the role's (0 unlabeled, 1 labeled:
+    ``transforms.ROLE_STREAMS``), so labeled and unlabeled sample ``j`` get different crops, flips and scales.
 
     Args:
         items: samples from :func:`open_split`.
@@ -805,7 +806,7 @@ class TrainDataset(Dataset):
         """One augmented sample; ``key`` is ``(index, epoch)`` or an index (epoch 0). See ``apply_pipeline``."""
         index, epoch = _split_key(key)
         image, mask = _load_pair(self.item_at(index))
-        rng = sample_rng(self.seed, epoch, index)
+        rng = sample_rng(self.seed, epoch, index, ROLE_STREAMS[self.role])
         return apply_pipeline(self.pipeline, self.role, image, mask, rng, self.crop_size, self.ignore_index)
 
 

@@ -8,7 +8,8 @@ with a larger batch therefore see the same samples per step, and resuming at ste
 The epoch's order is ``np.random.default_rng([seed, epoch, ORDER_TAG, stream]).permutation(n)``, followed by
 further permutations from the same generator when the steps need more than ``n`` samples (a dataset smaller than
 one global batch). Samples of the ``j``-th permutation are yielded as ``index + j * n``: datasets wrap the index
-around, and the augmentation generator ``[seed, epoch, index]`` differs between the laps.
+around, and the augmentation generator ``[seed, epoch, index, stream]`` differs between the laps (``stream``:
+0 unlabeled, 1 labeled, as for the order).
 """
 
 from __future__ import annotations
@@ -236,8 +237,8 @@ def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
 def worker_init_fn(seed: int, rank: int = 0) -> functools.partial:
     """A picklable ``worker_init_fn`` seeding torch, numpy and random from ``(seed, rank, worker_id)``.
 
-    Augmentations do not use these generators (they draw from ``[seed, epoch, index]``); this is a safety net for
-    code that does.
+    Augmentations do not use these generators (they draw from ``[seed, epoch, index, stream]``); this is a safety
+    net for code that does.
     """
     return functools.partial(_seed_worker, seed, rank)
 

@@ -7,7 +7,8 @@ grayscale and blur, as the official code (UniMatch's ``dataset/transform.py`` wi
 the hue rotation is vectorised numpy (torchvision's float HSV formula, twice faster than PIL's HSV round trip).
 
 Every function that draws randomness takes ``rng: np.random.Generator`` and draws nothing else; a training sample's
-generator is ``np.random.default_rng([seed, epoch, index])`` (see :func:`sample_rng`).
+generator is ``np.random.default_rng([seed, epoch, index, stream])`` with the stream of its role (0 unlabeled,
+1 labeled; see :func:`sample_rng`), so labeled and unlabeled sample ``j`` draw different crops, flips and scales.
 
 Pipelines (:func:`apply_pipeline`):
 
@@ -30,6 +31,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PIPELINES",
+    "ROLE_STREAMS",
     "adjust_hue",
     "apply_pipeline",
     "color_jitter",
@@ -55,9 +57,18 @@ PIPELINES: tuple[str, ...] = ("allspark", "unimatch")
 Masks = tuple[np.ndarray, ...]
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of one training sample: ``np.random.default_rng([seed, epoch, index])``."""
-    return np.random.default_rng([int(seed), int(epoch), int(index)])
+#: Random stream of each training role: the sampler's order (``loaders.epoch_order``) and every sample's augmentation
+#: generator (:func:`sample_rng`) are keyed by it, so the labeled and the unlabeled sets never share draws.
+ROLE_STREAMS: dict[str, int] = {"unlabeled": 0, "labeled": 1}
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one training sample: ``np.random.default_rng([seed, epoch, index, stream])``.
+
+    ``stream`` is the role's (:data:`ROLE_STREAMS`); stream 0 gives the same generator as ``[seed, epoch, index]``
+    (a trailing zero does not change a numpy seed sequence). Nothing depends on workers or processes.
+    """
+    return np.random.default_rng([int(seed), int(epoch), int(index), int(stream)])
 
 
 def to_hw(size: int | Sequence[int]) -> tuple[int, int]:

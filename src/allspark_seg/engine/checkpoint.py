@@ -1,8 +1,10 @@
 """Checkpoints: plain dicts of tensors and primitives, written atomically, read without unpickling code.
 
 A training checkpoint holds ``model`` (the unwrapped state dict, Semantic Memory buffers included), ``optimizer``,
-``step``, ``epoch``, ``best_miou``, ``ema`` (or None), ``scaler`` (or None), ``rng`` (the torch CPU and CUDA
-generator states), ``config`` (the resolved config as a dict), ``history`` and ``version``. Every file is written
+``step``, ``epoch``, ``best_miou``, ``ema`` (or None), ``scaler`` (or None), ``rng`` (rank 0's torch CPU and CUDA
+generator states; training draws do not depend on them, every micro-step reseeds from its iteration and virtual
+process, see ``engine.accumulation``), ``world_size`` (the number of processes that wrote it), ``config`` (the
+resolved config as a dict), ``history`` and ``version``. Every file is written
 to a temporary name in the same folder, flushed to disk and renamed over the target, so a crash during a save
 leaves the previous file intact.
 """

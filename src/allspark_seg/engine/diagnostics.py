@@ -1,9 +1,9 @@
 """Semi-supervised diagnostics and collapse checks, computed at logging steps and validations.
 
-Pseudo-label statistics are accumulated as additive counts (:func:`pseudo_label_counts`, cheap, on the device, no
-host synchronisation) over every micro-step of a logging window, summed across processes, and turned into shares
-(:func:`stats_from_counts`) when a record is written. The collapse checks of the guard are small pure functions:
-:func:`miou_drop` and :func:`collapsed_classes`.
+Pseudo-label statistics are accumulated as additive counts (:func:`pseudo_label_counts`: fixed-size scatters on the
+device, no boolean indexing or ``bincount``, so no host synchronisation) over every micro-step of a logging window,
+summed across processes, and turned into shares (:func:`stats_from_counts`) when a record is written. The collapse
+checks of the guard are small pure functions: :func:`miou_drop` and :func:`collapsed_classes`.
 """
 
 from __future__ import annotations
@@ -41,23 +41,28 @@ def pseudo_label_counts(
         num_classes: K.
         target: Optional ground truth ``(B, H, W)`` of the same images.
 
+    Every output has a fixed shape (no data-dependent indexing), so on CUDA nothing waits for the device.
+
     Returns:
         ``count (K,)`` kept pixels per class, ``conf_sum (K,)`` their summed confidence, ``kept`` and ``pixels``
         (scalars) and, with ``target``, ``correct`` and ``checked`` (kept pixels with a non-ignored ground truth).
     """
     kept = pseudo != IGNORE
-    labels = pseudo[kept]
-    count = torch.bincount(labels, minlength=num_classes)[:num_classes].float()
-    conf_sum = torch.zeros(num_classes, device=pseudo.device).index_add_(0, labels, confidence[kept].float())
+    valid = kept & (pseudo >= 0) & (pseudo < num_classes)
+    bins = pseudo.where(valid, num_classes).reshape(-1)  # class, or the spill bin K: fixed-size scatter
+    count = torch.zeros(num_classes + 1, dtype=torch.long, device=pseudo.device)
+    count = count.scatter_add_(0, bins, torch.ones_like(bins))[:num_classes].float()
+    conf_sum = torch.zeros(num_classes + 1, device=pseudo.device)
+    conf_sum = conf_sum.scatter_add_(0, bins, confidence.reshape(-1).float())[:num_classes]
     counts = {
         "count": count,
         "conf_sum": conf_sum,
         "kept": kept.sum().float(),
-        "pixels": torch.tensor(float(pseudo.numel()), device=pseudo.device),
+        "pixels": kept.new_full((), pseudo.numel(), dtype=torch.float32),
     }
     if target is not None:
         checked = kept & (target != IGNORE)
-        counts["correct"] = (pseudo[checked] == target[checked]).sum().float()
+        counts["correct"] = (checked & (pseudo == target)).sum().float()
         counts["checked"] = checked.sum().float()
     return counts
 

@@ -3,8 +3,17 @@
 ``fit(cfg, out_dir)`` builds the data, the model and the optimiser, resumes from ``OUT/last.pt`` when present,
 trains for ``train.iterations`` (or epochs) with the method's step, logs to ``OUT/metrics.jsonl``, evaluates,
 and writes ``last.pt`` (every ``checkpoint_every`` iterations and at the end) and ``best.pt`` (on validation
-improvement). Resuming continues exactly: data order and augmentation depend only on (seed, epoch, index), and
-every generator state is restored.
+improvement). Resuming continues exactly: data order and augmentation depend only on (seed, epoch, index, stream),
+and every micro-step reseeds the dropout generators from (seed, iteration, virtual process), so nothing per process
+needs saving; a checkpoint written with another number of processes, ``train.grad_accum``, batch size, seed or
+``semi.*`` setting is refused (:func:`_check_resumable`).
+
+``train.grad_accum: G`` makes micro-step ``k`` of process ``r`` play process ``r * G + k`` (see
+:mod:`.accumulation`): one device reproduces G processes exactly (up to the order in which float gradients are
+summed) except for training-mode BatchNorm and, with ``memory_sync=all_gather``, the memory read by micro-steps
+before the last. Every optimiser step checks, once for all its micro-steps and processes, that the loss and the
+gradients are finite before the optimiser runs: the one host read of a step (the diagnostics and logged values, means
+over the micro-steps, stay on the device until a logging step).
 
 Every logging step writes the losses and the semi-supervised diagnostics of the logging window (pseudo-label class
 shares, confidence, kept fraction and accuracy summed over all its micro-steps and processes, the labeled/unlabeled
@@ -32,6 +41,7 @@ from torch import nn
 from .. import __version__
 from ..config import RunConfig, dump_config, model_kwargs
 from ..data import build_train_loader, build_val_loader, steps_per_epoch
+from ..data.transforms import ROLE_STREAMS
 from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
 from ..errors import AllSparkError, CheckpointError
 from ..losses import build_loss
@@ -39,6 +49,7 @@ from ..metrics import SegMetrics
 from ..models import AllSparkSegmentor, build_model
 from ..optim import build_optimizer, param_groups, set_lr
 from ..utils.progress import Progress
+from .accumulation import MicroStepMemory, gradients_finite, seed_micro_step
 from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_checkpoint, restore_rng
 from .data import DataBundle, prepare_data
 from .diagnostics import (
@@ -205,12 +216,22 @@ def _autocast_factory(precision: str, device: torch.device) -> Callable[[], cont
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model or method."""
+#: Settings a run cannot change and continue exactly: the data layout of every step and the recipe's behaviour.
+RESUME_KEYS: tuple[str, ...] = ("train.seed", "train.grad_accum", "train.batch_size", "train.unlabeled_batch_size")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path, world_size: int) -> None:
+    """Refuse a checkpoint that this run cannot continue exactly, in one sentence naming the difference.
+
+    Refused: another ``method`` or ``model`` section, class count, number of processes, ``train.seed``,
+    ``train.grad_accum``, batch sizes (so another global batch), or any ``semi.*`` value. Checkpoints written before
+    the number of processes was recorded are not compared on it.
+    """
     old = saved.get("config")
     if not isinstance(old, dict):
         raise CheckpointError(f"Checkpoint '{path}' has no run config: it was not written by allspark-seg train.")
     new = cfg.to_dict()
+    fix = "resume with the same setting or use another --out folder"
     for section in ("method", "model"):
         if old.get(section) != new.get(section):
             raise CheckpointError(
@@ -222,11 +243,28 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
             f"Checkpoint '{path}' has {old['data'].get('num_classes')} classes but the data has "
             f"{new['data']['num_classes']}."
         )
+    saved_world = saved.get("world_size")
+    if saved_world is not None and int(saved_world) != world_size:
+        how = "without torchrun" if int(saved_world) == 1 else f"with torchrun --nproc_per_node={int(saved_world)}"
+        raise CheckpointError(
+            f"Checkpoint '{path}' was written by {int(saved_world)} process{'es' if int(saved_world) > 1 else ''} "
+            f"but this run has {world_size}: resume {how} or use another --out folder."
+        )
+    semi_keys = sorted(set(old.get("semi", {})) | set(new.get("semi", {})))
+    for key in (*RESUME_KEYS, *(f"semi.{k}" for k in semi_keys)):
+        section, name = key.split(".")
+        before, after = old.get(section, {}).get(name), new[section].get(name)
+        if before != after:
+            raise CheckpointError(
+                f"Checkpoint '{path}' was written with {key}={json.dumps(before)} but this run has "
+                f"{key}={json.dumps(after)}: {fix}."
+            )
 
 
 def _wrap_ddp(model: nn.Module, env: DistEnv, cfg: RunConfig) -> nn.Module:
-    """DistributedDataParallel. Buffers are synchronised before each forward only for the official ``rank0``
-    memory behaviour (rank 0's memory and BatchNorm statistics overwrite the others', method doc Q9)."""
+    """DistributedDataParallel. Buffers are broadcast from rank 0 only for the official ``rank0`` memory behaviour
+    (rank 0's memory and BatchNorm statistics overwrite the others' before the step's first forward, method doc Q9;
+    under gradient accumulation :class:`MicroStepMemory` broadcasts the memory itself at the start of the step)."""
     sync_buffers = cfg.model.allspark.memory_sync == "rank0"
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": sync_buffers}
@@ -326,6 +364,10 @@ class Trainer:
             channels_last=t.channels_last,
         )
         self.recipe = RECIPES[cfg.method]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        block = self.model.allspark
+        memory = block.memory if block is not None else None
+        self.micro_memory = MicroStepMemory(memory, cfg.model.allspark.memory_sync, t.grad_accum)
         self.writer = _Writer(out_dir, env.is_main, tensorboard=t.tensorboard)
         self.pseudo_counts: dict[str, torch.Tensor] = {}
         self.last_metrics: SegMetrics | None = None
@@ -349,14 +391,14 @@ class Trainer:
         if path is None:
             return
         saved = load_checkpoint(path, map_location=self.env.device)
-        _check_resumable(saved, self.cfg, path)
+        _check_resumable(saved, self.cfg, path, self.env.world_size)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None and saved.get("ema") is not None:
-            self.ema.load_state_dict(saved["ema"])
+        if self.ema is not None:  # a checkpoint without a teacher: it starts from the checkpoint's weights
+            self.ema.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
         if saved.get("scaler") is not None:
             self.scaler.load_state_dict(saved["scaler"])
-        restore_rng(saved["rng"])
+        restore_rng(saved["rng"])  # training draws do not depend on it: every micro-step reseeds (see accumulation)
         self.step = int(saved["step"])
         self.best_miou, self.best_step = float(saved["best_miou"]), int(saved["best_step"])
         if saved.get("guard") is not None:
@@ -372,6 +414,7 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": capture_rng(),
+            "world_size": self.env.world_size,
             "step": self.step,
             "epoch": self.step // self.plan.steps_per_epoch,
             "best_miou": self.best_miou,
@@ -406,34 +449,88 @@ class Trainer:
 
     def _epoch_iterators(self, epoch: int, start: int) -> tuple[Any, Any]:
         t = self.cfg.train
-        it_l = iter(self._loader(self.bundle.labeled, t.batch_size, epoch, start, stream=1))
+        it_l = iter(self._loader(self.bundle.labeled, t.batch_size, epoch, start, stream=ROLE_STREAMS["labeled"]))
         it_u = None
         if self.bundle.unlabeled is not None and self.cfg.method != "supervised":
-            it_u = iter(self._loader(self.bundle.unlabeled, t.unlabeled_batch_size, epoch, start, stream=0))
+            stream = ROLE_STREAMS["unlabeled"]
+            it_u = iter(self._loader(self.bundle.unlabeled, t.unlabeled_batch_size, epoch, start, stream=stream))
         return it_l, it_u
 
     # -- one optimiser step ---------------------------------------------------------------------------------------
     def train_step(self, it_l: Any, it_u: Any) -> StepOutput:
+        """One optimiser step over ``train.grad_accum`` micro-steps (micro-step ``k`` plays process ``k``, see
+        :mod:`.accumulation`).
+
+        Returns:
+            ``loss`` and ``logs``: means over the micro-steps (detached); ``pseudo``, ``confidence`` and ``target_u``
+            of the last micro-step.
+
+        Raises:
+            TrainingDiverged: A micro-step's loss, or a gradient, is non-finite; raised before the optimiser step (the
+                one host read of the step, see :meth:`_require_finite`).
+        """
         cfg, t = self.cfg, self.cfg.train
         set_lr(self.optimizer, self.step, self.plan.total, t.lr * self.guard.lr_scale, t.poly_power)
         self.optimizer.zero_grad(set_to_none=True)
         use_memory = self.step >= self.plan.warmup
         out: StepOutput | None = None
+        loss_sum: torch.Tensor | None = None
+        log_sums: dict[str, torch.Tensor] = {}
         for k in range(t.grad_accum):
             batch_l = next(it_l)
             batch_u = next(it_u) if it_u is not None else None
+            seed_micro_step(t.seed, self.step, self.env.rank * t.grad_accum + k)
+            self.micro_memory.begin(k)
             sync = k == t.grad_accum - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.net.no_sync():
                 out = self.recipe(self.ctx, batch_l, batch_u, use_memory=use_memory)
                 self.scaler.scale(out.loss / t.grad_accum).backward()
+            loss = out.loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            for key, value in out.logs.items():
+                log_sums[key] = value.float() if key not in log_sums else log_sums[key] + value.float()
             self._count_pseudo(out)
+        self.micro_memory.end()
+        assert out is not None and loss_sum is not None
+        logs = {key: value / t.grad_accum for key, value in log_sums.items()}
+        self._require_finite(loss_sum, logs)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
             ema_update(self.ema, self.model, cfg.semi.ema_decay, self.step)
         self.step += 1
-        assert out is not None
-        return out
+        return StepOutput(loss_sum / t.grad_accum, logs, out.pseudo, out.confidence, out.target_u)
+
+    def _require_finite(self, loss_sum: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        """Stop before the optimiser step when a micro-step's loss (on any process) or a gradient is non-finite.
+
+        The one host read of a training step (plus, under ``torchrun``, one 1-element all-reduce so that every process
+        stops together): it waits for the step's backward passes, so nothing non-finite reaches the optimiser, the
+        weights or a checkpoint. Under fp16 the gradient scaler handles overflowing gradients (it skips the step and
+        lowers the scale), so only the loss is checked.
+        """
+        bad = ~torch.isfinite(loss_sum)
+        if not self.scaler.is_enabled():
+            bad = bad | ~gradients_finite(self.trainable)
+        flag = bad.to(torch.int32)
+        if self.env.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not bool(flag):
+            return
+        if not bool(torch.isfinite(loss_sum)):
+            what = "The loss became non-finite"
+        elif bool(bad):
+            what = "A gradient became non-finite"
+        else:
+            what = "The loss or a gradient became non-finite on another process"
+        where = self.out_dir / LAST
+        kept = f"the last good checkpoint {where} is kept" if where.exists() else "no checkpoint was written"
+        shown = {**logs, "loss": loss_sum / self.cfg.train.grad_accum}  # the loss back-propagated
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in shown.items())
+        raise TrainingDiverged(
+            f"{what} in iteration {self.step + 1} ({values}: means over its micro-steps on process {self.env.rank}); "
+            f"training stopped before its optimiser step and {kept}. Lower train.lr, or use train.precision=fp32."
+        )
 
     def _count_pseudo(self, out: StepOutput) -> None:
         """Add a micro-step's pseudo-label counts to the logging window's (on the device, no synchronisation)."""
@@ -543,10 +640,9 @@ class Trainer:
 
     def _loop(self, progress: Progress) -> SegMetrics | None:
         """Train to the end; returns the metrics of the last evaluation (None when nothing was left to train)."""
-        cfg, plan, env = self.cfg, self.plan, self.env
+        cfg, plan = self.cfg, self.plan
         sums: dict[str, torch.Tensor] = {}
         count, window_start = 0, time.perf_counter()
-        nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
         final: SegMetrics | None = None
         it_l = it_u = None
         while self.step < plan.total:
@@ -554,13 +650,11 @@ class Trainer:
             if it_l is None or offset == 0:
                 it_l, it_u = self._epoch_iterators(epoch, offset)
             out = self.train_step(it_l, it_u)
-            nonfinite |= ~torch.isfinite(out.loss.detach())
             for key, value in out.logs.items():
                 sums[key] = sums.get(key, 0) + value.float()
             count += 1
             last = self.step == plan.total
             if self.step % cfg.train.log_every == 0 or last:
-                self._check_finite(nonfinite, sums, count)
                 record = self.log_record(sums, count, out, time.perf_counter() - window_start)
                 self.writer.write(record)
                 stats = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_x", "loss_u") if k in record)
@@ -570,10 +664,8 @@ class Trainer:
             else:
                 progress.update(self.step)
             if self.step % plan.eval_every == 0 or last:
-                self._check_finite(nonfinite, sums, max(count, 1))
                 final = self._evaluate_and_select()
             if self.step % cfg.train.checkpoint_every == 0 or last:
-                self._check_finite(nonfinite, sums, max(count, 1))
                 self.save(LAST)
         return final
 
@@ -694,20 +786,6 @@ class Trainer:
             metrics = self.last_metrics = self.validate()  # the restored model's: final metrics match the weights
             self.writer.write({"type": "eval", "step": self.step, "miou": metrics.miou, "rollback": True})
         return metrics
-
-    def _check_finite(self, nonfinite: torch.Tensor, sums: dict[str, torch.Tensor], count: int) -> None:
-        """Stop with a clear message when any process saw a non-finite loss (one collective, at log steps only)."""
-        flag = nonfinite.to(torch.int32)
-        if self.env.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if bool(flag):
-            where = self.out_dir / LAST
-            kept = f"the last good checkpoint {where} is kept" if where.exists() else "no checkpoint was written"
-            values = ", ".join(f"{k}={float(v) / count:.4g}" for k, v in sums.items())
-            raise TrainingDiverged(
-                f"The loss became non-finite before iteration {self.step} ({values}); training stopped and {kept}. "
-                "Lower train.lr, or use train.precision=fp32."
-            )
 
 
 def fit(
