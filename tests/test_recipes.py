@@ -14,11 +14,13 @@ from allspark_seg.dist import DistEnv
 from allspark_seg.engine.recipes import (
     RECIPES,
     StepContext,
+    class_thresholds,
     cutmix,
     ema_update,
     make_ema,
     pseudo_labels,
     unsup_loss,
+    unsup_scale,
     weak_to_strong_step,
 )
 from allspark_seg.engine.train import Trainer
@@ -62,6 +64,37 @@ def test_pseudo_labels_threshold_padding_and_the_unimatch_normalisation():
     # Without threshold and padding: plain argmax and mean cross-entropy (the official loss).
     labels0, _, valid0 = pseudo_labels(logits)
     assert labels0.tolist() == [[[1, 1], [0, 0]]] and bool(valid0.all())
+
+
+def test_class_thresholds_scale_the_threshold_by_each_class_mean_confidence():
+    # Class 0: confidences 0.99 and 0.97 (mean 0.98); class 1: 0.70 and 0.56 (mean 0.63); class 2: only on padding.
+    confidence = torch.tensor([[[0.99, 0.97, 0.70], [0.56, 0.99, 0.50]]])
+    labels = torch.tensor([[[0, 0, 1], [1, 2, 1]]])
+    valid = torch.tensor([[[True, True, True], [True, False, False]]])
+    thresholds = class_thresholds(confidence, labels, valid, 0.95, num_classes=4)
+    expected = [0.95, 0.95 * 0.63 / 0.98, 0.95, 0.95]  # classes 2 and 3 are predicted on no valid pixel
+    torch.testing.assert_close(thresholds, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_class_thresholds_keep_a_less_confident_class_that_a_fixed_threshold_drops():
+    # Class 1's pixels (teacher probability 0.8 and 0.7) all fall below 0.95; per-class thresholds keep the 0.8 one.
+    p1 = torch.tensor([[[0.02, 0.01, 0.8, 0.7]]])  # (B=1, 1, 4)
+    logits = torch.stack([torch.log(1 - p1), torch.log(p1)], dim=1)
+    fixed, _, _ = pseudo_labels(logits, conf_thresh=0.95)
+    per_class, confidence, _ = pseudo_labels(logits, conf_thresh=0.95, class_thresh=True)
+    assert fixed.tolist() == [[[0, 0, 255, 255]]]
+    # Class 1 threshold: 0.95 * mean(0.8, 0.7) / mean(0.98, 0.99) = 0.7234: keeps 0.8, drops 0.7.
+    assert per_class.tolist() == [[[0, 0, 1, 255]]]
+    assert pseudo_labels(logits, class_thresh=True)[0].tolist() == [[[0, 0, 1, 1]]]  # no threshold: nothing dropped
+
+
+def test_unsup_scale_waits_then_ramps_up():
+    semi = tiny_config("unused", "fixmatch", ("semi.unsup_start=10", "semi.unsup_rampup=20")).semi
+    assert [unsup_scale(semi, s) for s in (0, 9)] == [0.0, 0.0]
+    assert unsup_scale(semi, 10) == pytest.approx(math.exp(-5.0))
+    assert unsup_scale(semi, 20) == pytest.approx(math.exp(-5.0 * 0.25))
+    assert [unsup_scale(semi, s) for s in (30, 500)] == [1.0, 1.0]
+    assert unsup_scale(tiny_config("unused", "fixmatch").semi, 0) == 1.0  # presets: no wait, no ramp
 
 
 def test_ema_update_with_the_decay_warm_up():
@@ -216,3 +249,15 @@ def test_each_recipe_lowers_its_loss_on_a_fixed_batch(tmp_path, data_root, metho
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     if method != "supervised":
         assert out.pseudo is not None and out.pseudo.shape == batch_u["image"].shape[:1] + batch_u["image"].shape[2:]
+
+
+@pytest.mark.parametrize("method", ["allspark", "allspark+"])
+def test_labels_only_until_unsup_start_then_the_unlabeled_loss_counts(tmp_path, data_root, method):
+    cfg = tiny_config(data_root, method=method, overrides=("semi.unsup_start=1", "semi.conf_thresh=0.0"))
+    trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
+    it_l, it_u = trainer._epoch_iterators(0, 0)
+    first, second = trainer.train_step(it_l, it_u), trainer.train_step(it_l, it_u)
+    assert float(first.logs["loss_u"]) > 0  # computed and logged, but not trained on
+    assert float(first.loss) == pytest.approx(float(first.logs["loss_x"]) / 2, rel=1e-6)
+    expected = (float(second.logs["loss_x"]) + float(second.logs["loss_u"])) / 2
+    assert float(second.loss) == pytest.approx(expected, rel=1e-6)

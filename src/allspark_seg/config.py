@@ -242,6 +242,14 @@ class SemiConfig:
         fp_dropout: Channel dropout rate of the feature-perturbation stream (0.5 in UniMatch).
         unsup_weight: Weight of the unlabeled loss: ``loss = (loss_x + unsup_weight * loss_u) / 2`` (see
             ``docs/recipes.md`` for ``loss_u`` of each method).
+        class_thresh: Per-class confidence thresholds: ``conf_thresh`` scaled, for each class, by the mean teacher
+            confidence of the pixels it predicts as that class over the largest such mean in the batch, so classes
+            the teacher is less sure of keep their most confident pixels instead of vanishing from the pseudo-labels
+            (in the spirit of FlexMatch/FreeMatch; computed per batch, no state).
+        unsup_start: Iterations of labels only before the unlabeled loss counts (the teacher and the memory run
+            from the start).
+        unsup_rampup: Iterations, after ``unsup_start``, over which the unlabeled loss weight rises to
+            ``unsup_weight`` along ``exp(-5 (1 - t)^2)`` (the mean-teacher ramp); 0 = at once.
         warmup_iterations: Memory warm-up: the memory is filled from the start but read only after this many
             iterations; or give ``warmup_epochs`` (official: 5 of 80 epochs on Pascal, 15 of 240 on Cityscapes).
             Neither: 1/16 of training.
@@ -258,6 +266,9 @@ class SemiConfig:
     strong_views: int | None = None
     fp_dropout: float = 0.5
     unsup_weight: float = 1.0
+    class_thresh: bool | None = None
+    unsup_start: int | None = None
+    unsup_rampup: int | None = None
     warmup_iterations: int | None = None
     warmup_epochs: float | None = None
 
@@ -342,6 +353,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": False,
         "feature_perturbation": False,
         "strong_views": 0,
+        "class_thresh": False,
+        "unsup_start": 0,
+        "unsup_rampup": 0,
     },
     "allspark": {
         "allspark": True,
@@ -355,6 +369,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": False,
         "feature_perturbation": False,
         "strong_views": 0,
+        "class_thresh": False,
+        "unsup_start": 0,
+        "unsup_rampup": 0,
     },
     "fixmatch": {
         "allspark": False,
@@ -367,6 +384,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": True,
         "feature_perturbation": False,
         "strong_views": 1,
+        "class_thresh": False,
+        "unsup_start": 0,
+        "unsup_rampup": 0,
     },
     "unimatch": {
         "allspark": False,
@@ -379,6 +399,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": True,
         "feature_perturbation": True,
         "strong_views": 2,
+        "class_thresh": False,
+        "unsup_start": 0,
+        "unsup_rampup": 0,
     },
     "allspark+": {
         "allspark": True,
@@ -392,6 +415,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": True,
         "feature_perturbation": False,
         "strong_views": 2,
+        "class_thresh": False,
+        "unsup_start": 0,
+        "unsup_rampup": 0,
     },
 }
 
@@ -660,6 +686,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if semi.warmup_iterations is not None and semi.warmup_epochs is not None:
         raise ConfigError("Give at most one of 'semi.warmup_iterations' and 'semi.warmup_epochs'.")
     _positive(cfg, "semi.warmup_iterations", "semi.warmup_epochs", "semi.unsup_weight", allow_zero=True)
+    _positive(cfg, "semi.unsup_start", "semi.unsup_rampup", allow_zero=True)
     if data.pipeline == "allspark" and (semi.cutmix or semi.feature_perturbation):
         raise ConfigError(
             "semi.cutmix and semi.feature_perturbation need the unimatch augmentation pipeline: "
@@ -691,8 +718,16 @@ _SEMI_PRESET = (
     "cutmix",
     "feature_perturbation",
     "strong_views",
+    "class_thresh",
+    "unsup_start",
+    "unsup_rampup",
 )
-_SUPERVISED_SEMI: dict[str, Any] = dict.fromkeys(_SEMI_PRESET, False) | {"conf_thresh": 0.0, "strong_views": 0}
+_SUPERVISED_SEMI: dict[str, Any] = dict.fromkeys(_SEMI_PRESET, False) | {
+    "conf_thresh": 0.0,
+    "strong_views": 0,
+    "unsup_start": 0,
+    "unsup_rampup": 0,
+}
 
 
 def _check_weak_to_strong(method: str, semi: SemiConfig, pipeline: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "RECIPES",
     "StepContext",
     "StepOutput",
+    "class_thresholds",
     "cutmix",
     "ema_update",
     "make_ema",
@@ -41,6 +43,7 @@ __all__ = [
     "supervised_step",
     "teacher_logits",
     "unsup_loss",
+    "unsup_scale",
     "weak_to_strong_step",
 ]
 
@@ -60,6 +63,7 @@ class StepContext:
         autocast: Factory of the mixed-precision context.
         device: Where tensors go.
         channels_last: Move images to channels-last memory format.
+        step: The optimiser step being taken (set by the loop; drives ``semi.unsup_start``/``unsup_rampup``).
     """
 
     cfg: RunConfig
@@ -69,6 +73,7 @@ class StepContext:
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
+    step: int = 0
 
     def images(self, batch: Batch, key: str = "image") -> torch.Tensor:
         """An image batch on the device (and in channels-last when asked)."""
@@ -121,7 +126,10 @@ def teacher_logits(ctx: StepContext, x_u: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_labels(
-    logits: torch.Tensor, conf_thresh: float = 0.0, ignore: torch.Tensor | None = None
+    logits: torch.Tensor,
+    conf_thresh: float = 0.0,
+    ignore: torch.Tensor | None = None,
+    class_thresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels from teacher logits.
 
@@ -129,6 +137,7 @@ def pseudo_labels(
         logits: ``(B, K, H, W)``.
         conf_thresh: Pixels whose top probability is below it are marked 255.
         ignore: Optional ``(B, H, W)`` bool, True on padding; those pixels are marked 255.
+        class_thresh: Threshold each pixel at its class's :func:`class_thresholds` instead of ``conf_thresh``.
 
     Returns:
         ``(labels (B, H, W) int64, confidence (B, H, W), valid (B, H, W) bool)`` where ``valid`` excludes only the
@@ -136,8 +145,55 @@ def pseudo_labels(
     """
     confidence, labels = logits.softmax(dim=1).max(dim=1)
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore is None else ~ignore
-    keep = valid & (confidence >= conf_thresh) if conf_thresh > 0 else valid
+    if conf_thresh <= 0:
+        keep = valid
+    elif class_thresh:
+        thresholds = class_thresholds(confidence, labels, valid, conf_thresh, logits.shape[1])
+        keep = valid & (confidence >= thresholds[labels])
+    else:
+        keep = valid & (confidence >= conf_thresh)
     return labels.masked_fill(~keep, IGNORE), confidence, valid
+
+
+def class_thresholds(
+    confidence: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, conf_thresh: float, num_classes: int
+) -> torch.Tensor:
+    """Per-class thresholds ``conf_thresh * m_c / max_k m_k`` (``semi.class_thresh``).
+
+    ``m_c`` is the mean confidence of the valid pixels predicted as class ``c`` in the batch; a class predicted
+    nowhere keeps ``conf_thresh``. Sync-free: fixed-size scatters, ignored pixels go to a spill bin.
+
+    Args:
+        confidence: ``(B, H, W)`` top softmax probability.
+        labels: ``(B, H, W)`` argmax classes.
+        valid: ``(B, H, W)`` bool, False on padding.
+        conf_thresh: The global threshold.
+        num_classes: K.
+
+    Returns:
+        ``(K,)`` thresholds, each in ``(0, conf_thresh]``.
+    """
+    bins = torch.where(valid, labels, num_classes).reshape(-1)
+    conf = confidence.reshape(-1).float()
+    sums = conf.new_zeros(num_classes + 1).scatter_add_(0, bins, conf)[:num_classes]
+    counts = conf.new_zeros(num_classes + 1).scatter_add_(0, bins, torch.ones_like(conf))[:num_classes]
+    mean = sums / counts.clamp_min(1.0)
+    scaled = conf_thresh * mean / mean.max().clamp_min(torch.finfo(mean.dtype).tiny)
+    return torch.where(counts > 0, scaled, torch.full_like(mean, conf_thresh))
+
+
+def unsup_scale(semi: Any, step: int) -> float:
+    """Multiplier of ``semi.unsup_weight`` at optimiser step ``step``.
+
+    0 before ``semi.unsup_start``; then ``exp(-5 (1 - t)^2)`` with ``t`` rising linearly from 0 to 1 over
+    ``semi.unsup_rampup`` steps (Laine & Aila's ramp, used by the mean teacher); 1 afterwards.
+    """
+    if step < semi.unsup_start:
+        return 0.0
+    if semi.unsup_rampup <= 0:
+        return 1.0
+    t = min(1.0, (step - semi.unsup_start) / semi.unsup_rampup)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def unsup_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -158,7 +214,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
     x_u = ctx.images(batch_u)
     guide = teacher_logits(ctx, x_u)
     ignore = batch_u["ignore"].to(ctx.device) if semi.ignore_padding and "ignore" in batch_u else None
-    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore)
+    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh)
     allspark = ctx.cfg.model.allspark.enabled
     with ctx.autocast():
         logits_l, logits_u = ctx.net(
@@ -166,7 +222,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
         )
     loss_x = ctx.criterion_l(logits_l.float(), y_l)
     loss_u = unsup_loss(logits_u, labels, valid)
-    loss = (loss_x + semi.unsup_weight * loss_u) / 2
+    loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2
     logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
     target_u = batch_u["mask"].to(ctx.device) if "mask" in batch_u else None
     return StepOutput(loss, logs, labels, confidence, target_u)
@@ -219,7 +275,7 @@ def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None,
     x_w = ctx.images(batch_u)
     guide = teacher_logits(ctx, x_w)  # (B_u, K, H, W)
     ignore = batch_u["ignore"].to(ctx.device) if semi.ignore_padding and "ignore" in batch_u else None
-    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore)
+    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh)
 
     images, targets, guides = [], [], []
     if semi.feature_perturbation:
@@ -250,7 +306,7 @@ def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None,
     loss_x = ctx.criterion_l(logits_l.float(), y_l)
     strong = torch.stack(losses[1:] if fp else losses).mean()
     loss_u = (strong + losses[0]) / 2 if fp else strong
-    loss = (loss_x + semi.unsup_weight * loss_u) / 2
+    loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2
     logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_s": strong.detach()}
     if fp:
         logs["loss_fp"] = losses[0].detach()

@@ -473,6 +473,7 @@ class Trainer:
         set_lr(self.optimizer, self.step, self.plan.total, t.lr * self.guard.lr_scale, t.poly_power)
         self.optimizer.zero_grad(set_to_none=True)
         use_memory = self.step >= self.plan.warmup
+        self.ctx.step = self.step
         out: StepOutput | None = None
         loss_sum: torch.Tensor | None = None
         log_sums: dict[str, torch.Tensor] = {}
