@@ -63,7 +63,9 @@ class AllSparkConfig:
         per_image_eval: Eval predictions that do not depend on the rest of the batch (fix of Q13; the official
             batch-coupled eval is ``false``).
         memory_sync: ``all_gather`` (every process enqueues the channels of all processes) or ``rank0``
-            (official: DDP's buffer broadcast makes rank 0's memory win, Q9).
+            (official: DDP's buffer broadcast makes rank 0's memory win, Q9). Micro-steps of ``train.grad_accum``
+            count as processes: with ``rank0`` every micro-step starts from the step's memory and only micro-step 0
+            of rank 0 keeps its channels; with ``all_gather`` micro-steps enqueue in order.
     """
 
     enabled: bool | None = None
