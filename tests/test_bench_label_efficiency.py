@@ -1,0 +1,54 @@
+"""The label-efficiency benchmark's plan and arithmetic (the training itself is the experiment command's)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from allspark_seg import experiment as E
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import label_efficiency as LE  # noqa: E402
+
+
+def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: Path) -> None:
+    total = 0
+    for task in LE.TASKS:
+        for budget in task.budgets:
+            settings = E.expand_settings([E.parse_variant(v) for v in LE.variants(task, budget)], [])
+            overrides = [*task.overrides, f"data.synthetic.num_labeled={budget}", "model.pretrained="]
+            runs = E.plan_runs(LE.CONFIG, tmp_path, settings, list(LE.SEEDS), overrides)  # validates every config
+            seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
+            for key in ("labels-only", "all-labels", "allspark"):
+                assert seeds[key] == [0, 1, 2]
+            assert seeds["fixmatch"] == [0]
+            full = next(r for r in runs if r.setting.name == "all-labels")
+            assert f"data.synthetic.num_labeled={budget + LE.UNLABELED}" in full.overrides
+            total += len(runs)
+    first = LE.TASKS[0]
+    assert any("mit-scratch" in v for v in LE.variants(first, first.budgets[0]))
+    assert not any("mit-scratch" in v for v in LE.variants(first, first.budgets[1]))
+    assert total > 40
+
+
+def test_gap_closed_and_separation() -> None:
+    few = {"best_mean": 50.0, "best_std": 1.0}
+    full = {"best_mean": 70.0, "best_std": 1.0}
+    semi = {"best_mean": 58.0, "best_std": 2.0}
+    assert LE.gap_closed(semi, few, full) == pytest.approx(0.4)
+    assert LE.gap_closed(few, few, full) == 0.0
+    assert LE.gap_closed(semi, few, {"best_mean": 49.0}) is None  # no gap to close
+    assert LE.separation(semi, few) == pytest.approx(8.0 / math.sqrt(2.5))
+    assert LE.separation({"best_mean": 58.0, "best_std": None}, few) is None  # one seed: no std
+
+
+def test_table_lists_every_row_with_gap_and_separation() -> None:
+    row = {"task": "digits", "labeled": 4, "recipe": "allspark", "runs": 3, "best_mean": 58.0, "best_std": 2.0}
+    row |= {"final_mean": 57.0, "final_std": 1.5, "gap_closed": 0.4, "vs_labels_only": 5.06, "pseudo_acc": 91.25}
+    row |= {"minutes": 3.0}
+    text = LE.table([row])
+    assert "| digits | 4 | allspark | 3 | 58.00 ± 2.00 | 57.00 ± 1.50 | 40% | +5.1 | 91.2 | 3.0 |" in text
