@@ -173,6 +173,7 @@ def test_predict_files_folders_globs_and_large_images(trained: dict[str, Path], 
     assert "Wrote 5 masks" in stdout
 
 
+@pytest.mark.slow
 def test_export_onnx_and_run_it_at_two_sizes(trained: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     import onnxruntime as ort
 
@@ -304,6 +305,7 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture, tmp_path: Path
     assert "Traceback" in err and "CheckpointError" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "allspark_seg", "eval", "--checkpoint", str(tmp_path / "nope.pt")],

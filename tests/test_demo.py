@@ -53,6 +53,7 @@ def test_recipes_share_everything_but_the_method() -> None:
     assert len(QUICK_OVERRIDES) == len(set(QUICK_OVERRIDES))
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_table_pictures_and_page(tmp_path: Path) -> None:
     result = run_demo(tmp_path / "demo", overrides=TINY)
     assert list(result.runs) == ["supervised", "allspark"]
@@ -77,6 +78,7 @@ def test_tiny_demo_writes_table_pictures_and_page(tmp_path: Path) -> None:
     assert summary["runs"]["allspark"]["miou"] == result.runs["allspark"].miou
 
 
+@pytest.mark.slow
 def test_demo_command_without_matplotlib_still_draws_predictions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -251,6 +251,7 @@ def _evaluate_worker(rank: int, store_path: str, result_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_evaluate_reduces_over_two_gloo_processes(tmp_path: os.PathLike) -> None:
     mp.spawn(_evaluate_worker, args=(str(tmp_path / "store"), str(tmp_path / "res")), nprocs=2, join=True)

@@ -70,6 +70,7 @@ def base_config(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_the_table_with_mean_and_std(tmp_path, base_config, monkeypatch):
     out = tmp_path / "study"
     argv = ["experiment", "-c", str(base_config), "--out", str(out), "--seeds", "2", "--grid", "method=supervised"]
@@ -124,6 +125,7 @@ def test_tiny_study_writes_the_table_with_mean_and_std(tmp_path, base_config, mo
     assert again.summary == summary["summary"]
 
 
+@pytest.mark.slow
 def test_stopped_runs_are_recorded_and_reports_rebuilt(tmp_path, base_config, monkeypatch, capsys):
     original = train_module.fit
 

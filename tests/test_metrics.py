@@ -181,6 +181,7 @@ def _reduce_worker(rank: int, store_path: str, result_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_all_reduce_sums_over_two_gloo_processes(tmp_path: os.PathLike) -> None:
     torch.set_num_threads(1)

@@ -329,6 +329,7 @@ def save_checkpoint(path: Path, encoder: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", list(CHANNELS))
 def test_onnx_export_matches_pytorch_at_two_sizes(tmp_path, encoder):
     trained = P.load_trained_model(save_checkpoint(tmp_path / "m.pt", encoder))

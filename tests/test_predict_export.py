@@ -203,6 +203,7 @@ def test_check_sizes_are_two_sizes_off_the_32_grid() -> None:
         assert all(side % 32 for side in sizes[1])
 
 
+@pytest.mark.slow
 def test_export_supervised_model_with_dynamic_batch_and_size(tmp_path: Path) -> None:
     import onnxruntime as ort
 

@@ -79,6 +79,7 @@ def run_training_subprocess(out: Path, data_root: str, iterations: int) -> subpr
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_root):
     iterations = 12
     fit(tiny_config(data_root, iterations=iterations, checkpoint_every=2, log_every=100), tmp_path / "straight")
@@ -161,6 +162,7 @@ def test_resuming_with_another_model_config_is_refused(tmp_path, data_root):
         fit(tiny_config(data_root, overrides=("model.head_dim=16",), iterations=4), out)
 
 
+@pytest.mark.slow
 def test_tiny_training_learns_the_synthetic_data(tmp_path):
     """A few hundred iterations of a small MiT from scratch on foreground/background synthetic data (~30 s)."""
     cfg = tiny_config(
