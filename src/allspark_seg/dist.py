@@ -165,14 +165,28 @@ class DistBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Synchronise every BatchNorm across processes: ``nn.SyncBatchNorm`` on CUDA, :class:`DistBatchNorm2d` else."""
+    """Synchronise every BatchNorm across processes: ``nn.SyncBatchNorm`` on CUDA, :class:`DistBatchNorm2d` else.
+
+    As ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, each converted module takes over the parameters and buffers
+    of the one it replaces (the same tensors: dtype, device and ``requires_grad`` kept, a float64 model stays float64)
+    and its train/eval mode.
+    """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, DistBatchNorm2d):
-            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum)
-            new.load_state_dict(child.state_dict())
-            setattr(model, name, new.to(child.weight.device))
+            setattr(model, name, _dist_batchnorm_like(child))
         else:
             convert_sync_batchnorm(child, device)
     return model
+
+
+def _dist_batchnorm_like(bn: nn.BatchNorm2d) -> DistBatchNorm2d:
+    """A :class:`DistBatchNorm2d` holding ``bn``'s own parameters and buffers, in ``bn``'s mode."""
+    tensors = [t for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False)) if t.is_floating_point()]
+    factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+    new = DistBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory)
+    for key, value in (*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)):
+        setattr(new, key, value)
+    new.train(bn.training)
+    return new

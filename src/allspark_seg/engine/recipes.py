@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RunConfig
+from ..utils import upcast
 
 __all__ = [
     "RECIPES",
@@ -105,7 +106,7 @@ def supervised_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, *, 
     x, y = ctx.images(batch_l), batch_l["mask"].to(ctx.device, non_blocking=True)
     with ctx.autocast():
         logits, _ = ctx.net(x)
-    loss = ctx.criterion_l(logits.float(), y)
+    loss = ctx.criterion_l(upcast(logits), y)
     return StepOutput(loss, {"loss": loss.detach(), "loss_x": loss.detach()})
 
 
@@ -120,7 +121,7 @@ def teacher_logits(ctx: StepContext, x_u: torch.Tensor) -> torch.Tensor:
     net.eval()
     try:
         with ctx.autocast():
-            return net(x_u, coupled=not ctx.cfg.semi.per_image_teacher).float()
+            return upcast(net(x_u, coupled=not ctx.cfg.semi.per_image_teacher))
     finally:
         net.train(was_training)
 
@@ -202,7 +203,7 @@ def unsup_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) 
     With every pixel kept this is the mean cross-entropy of the official code; with a confidence threshold it is
     UniMatch's normalisation (unconfident pixels count in the denominator).
     """
-    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+    per_pixel = F.cross_entropy(upcast(logits), labels, ignore_index=IGNORE, reduction="none")
     return per_pixel.sum() / valid.sum().clamp_min(1)
 
 
@@ -220,7 +221,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
         logits_l, logits_u = ctx.net(
             x_l, x_u, guide_logits=guide if allspark else None, use_memory=reads_memory(ctx.cfg, use_memory)
         )
-    loss_x = ctx.criterion_l(logits_l.float(), y_l)
+    loss_x = ctx.criterion_l(upcast(logits_l), y_l)
     loss_u = unsup_loss(logits_u, labels, valid)
     loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2
     logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
@@ -303,7 +304,7 @@ def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None,
             fp_rate=semi.fp_dropout,
         )
     losses = [unsup_loss(lg, lab, val) for lg, (lab, val) in zip(logits_u.chunk(len(images)), targets, strict=True)]
-    loss_x = ctx.criterion_l(logits_l.float(), y_l)
+    loss_x = ctx.criterion_l(upcast(logits_l), y_l)
     strong = torch.stack(losses[1:] if fp else losses).mean()
     loss_u = (strong + losses[0]) / 2 if fp else strong
     loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2

@@ -48,6 +48,7 @@ from ..losses import build_loss
 from ..metrics import SegMetrics
 from ..models import AllSparkSegmentor, build_model
 from ..optim import build_optimizer, param_groups, set_lr
+from ..utils import upcast
 from ..utils.progress import Progress
 from .accumulation import MicroStepMemory, gradients_finite, seed_micro_step
 from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_checkpoint, restore_rng
@@ -310,7 +311,7 @@ class _Writer:
 
 
 def _to_python(value: torch.Tensor) -> float | list[float | None]:
-    value = value.detach().float().cpu()
+    value = upcast(value.detach()).cpu()
     if value.ndim == 0:
         return float(value)
     return [None if v != v else round(float(v), 6) for v in value.tolist()]
@@ -486,10 +487,10 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.net.no_sync():
                 out = self.recipe(self.ctx, batch_l, batch_u, use_memory=use_memory)
                 self.scaler.scale(out.loss / t.grad_accum).backward()
-            loss = out.loss.detach().float()
+            loss = upcast(out.loss.detach())
             loss_sum = loss if loss_sum is None else loss_sum + loss
             for key, value in out.logs.items():
-                log_sums[key] = value.float() if key not in log_sums else log_sums[key] + value.float()
+                log_sums[key] = upcast(value) if key not in log_sums else log_sums[key] + upcast(value)
             self._count_pseudo(out)
         self.micro_memory.end()
         assert out is not None and loss_sum is not None
@@ -652,7 +653,7 @@ class Trainer:
                 it_l, it_u = self._epoch_iterators(epoch, offset)
             out = self.train_step(it_l, it_u)
             for key, value in out.logs.items():
-                sums[key] = sums.get(key, 0) + value.float()
+                sums[key] = sums.get(key, 0) + upcast(value)
             count += 1
             last = self.step == plan.total
             if self.step % cfg.train.log_every == 0 or last:

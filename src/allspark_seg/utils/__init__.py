@@ -1,0 +1,12 @@
+"""Small helpers shared across the package."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["upcast"]
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: half precision (autocast) is upcast, float32 and float64 are kept as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
