@@ -91,7 +91,9 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("allspark", 3, "method=allspark"),
     ("fixmatch", 1, "method=fixmatch"),
     ("unimatch", 1, "method=unimatch"),
-    ("allspark+", 1, "method=allspark+"),
+    ("allspark+", 3, "method=allspark+"),
+    ("fixmatch+class_thresh", 1, "method=fixmatch semi.class_thresh=true"),
+    ("allspark+_no_class_thresh", 1, "method=allspark+ semi.class_thresh=false"),
 )
 
 #: Rows of the from-scratch comparison (first task, first budget): the demo's tiny MiT.

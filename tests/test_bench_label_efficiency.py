@@ -23,7 +23,7 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
             overrides = [*task.overrides, f"data.synthetic.num_labeled={budget}", "model.pretrained="]
             runs = E.plan_runs(LE.CONFIG, tmp_path, settings, list(LE.SEEDS), overrides)  # validates every config
             seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
-            for key in ("labels-only", "all-labels", "allspark"):
+            for key in ("labels-only", "all-labels", "allspark", "allspark+"):
                 assert seeds[key] == [0, 1, 2]
             assert seeds["fixmatch"] == [0]
             full = next(r for r in runs if r.setting.name == "all-labels")

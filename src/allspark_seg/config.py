@@ -417,7 +417,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "cutmix": True,
         "feature_perturbation": False,
         "strong_views": 2,
-        "class_thresh": False,
+        "class_thresh": True,  # measured: docs/results.md (label-efficiency benchmark)
         "unsup_start": 0,
         "unsup_rampup": 0,
     },
