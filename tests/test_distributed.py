@@ -27,7 +27,7 @@ EXACT = (
     "semi.warmup_iterations=0",
 )
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # several processes each
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from allspark_seg.engine import recipes
 from allspark_seg.engine.checkpoint import load_checkpoint
 from allspark_seg.engine.diagnostics import (
     collapsed_classes,
+    dominant_class,
     labeled_class_share,
     loss_ratio,
     memory_diversity,
@@ -100,7 +101,14 @@ def scripted_miou(monkeypatch, values: list[float]) -> None:
     monkeypatch.setattr(Trainer, "validate", validate)
 
 
-GUARD = ("guard.enabled=true", "guard.miou_drop=10")
+# The stop/rollback tests watch one signal each: the other checks are switched off explicitly (the defaults warn).
+GUARD = (
+    "guard.enabled=true",
+    "guard.miou_drop=10",
+    "guard.action=stop",
+    "guard.min_class_share=0",
+    "guard.dominant_share=0",
+)
 
 
 def test_guard_stops_on_a_scripted_miou_collapse(tmp_path, data_root, monkeypatch):
@@ -184,7 +192,13 @@ def scripted_teacher(monkeypatch, collapse_after: int | None) -> None:
     monkeypatch.setitem(recipes.RECIPES, "selftrain", scripted)
 
 
-CLASS_GUARD = ("guard.enabled=true", "guard.miou_drop=100", "guard.min_class_share=0.1")
+CLASS_GUARD = (
+    "guard.enabled=true",
+    "guard.miou_drop=100",
+    "guard.min_class_share=0.1",
+    "guard.dominant_share=0",
+    "guard.action=stop",
+)
 
 
 def test_guard_fires_when_a_pseudo_label_class_collapses(tmp_path, data_root, monkeypatch):
@@ -205,10 +219,103 @@ def test_guard_stays_quiet_with_a_healthy_teacher(tmp_path, data_root, monkeypat
 
 
 def test_guard_stays_quiet_on_a_normal_run(tmp_path, data_root):
-    cfg = tiny_config(data_root, method="allspark", overrides=("guard.enabled=true",), iterations=12, eval_every=3)
+    quiet = ("guard.enabled=true", "guard.action=stop", "guard.min_class_share=0", "guard.dominant_share=0")
+    cfg = tiny_config(data_root, method="allspark", overrides=quiet, iterations=12, eval_every=3)
     result = fit(cfg, tmp_path / "run")
     assert result.step == 12 and records(tmp_path / "run", "guard") == []
     train = records(tmp_path / "run", "train")
     assert all(r["kept_fraction"] == 1.0 and len(r["pseudo_share"]) == 6 for r in train)
     assert all(r["loss_ratio"] == pytest.approx(r["loss_x"] / r["loss_u"], rel=1e-5) for r in train)
     assert all(len(r["memory_diversity"]) == 6 and -1 <= r["memory_diversity"][0] <= 1 for r in train)
+
+
+# ------------------------------------------------------------------------------------------- the default: warn
+def test_dominant_class_by_hand():
+    labeled = torch.tensor([0.6, 0.3, 0.1])
+    conf = torch.tensor([0.99998, 0.7, math.nan])
+    assert dominant_class(torch.tensor([0.995, 0.005, 0.0]), conf, labeled, 0.98, 0.99) == 0
+    assert dominant_class(torch.tensor([0.97, 0.03, 0.0]), conf, labeled, 0.98, 0.99) is None  # not enough share
+    unsure = torch.tensor([0.9, 0.7, math.nan])
+    assert dominant_class(torch.tensor([0.995, 0.005, 0.0]), unsure, labeled, 0.98, 0.99) is None  # an unsure teacher
+    mostly = torch.tensor([0.985, 0.01, 0.005])  # the labeled data are 98.5% class 0: no collapse
+    assert dominant_class(torch.tensor([0.995, 0.005, 0.0]), conf, mostly, 0.98, 0.99) is None
+    assert dominant_class(torch.tensor([0.995, 0.005, 0.0]), conf, labeled, 0.0, 0.99) is None  # disabled
+
+
+def test_guard_defaults_warn_for_the_semi_supervised_methods(data_root):
+    for method in ("selftrain", "allspark", "fixmatch", "unimatch", "allspark+"):
+        g = tiny_config(data_root, method=method).guard
+        assert (g.enabled, g.action, g.patience) == (True, "warn", 1)
+        assert (g.miou_drop, g.min_class_share, g.dominant_share, g.dominant_conf) == (10.0, 0.1, 0.98, 0.99)
+    assert tiny_config(data_root, method="supervised").guard.enabled is False
+    assert tiny_config(data_root, overrides=("guard.enabled=false",)).guard.enabled is False
+    assert tiny_config(data_root, method="supervised", overrides=("guard.enabled=true",)).guard.enabled is True
+    with pytest.raises(AllSparkError, match=r"'guard.dominant_share' must be in \[0, 1\], got 1.5"):
+        tiny_config(data_root, overrides=("guard.dominant_share=1.5",))
+    with pytest.raises(AllSparkError, match="'guard.action' is 'pause': choose one of warn, stop, rollback"):
+        tiny_config(data_root, overrides=("guard.action=pause",))
+
+
+def one_class_teacher(monkeypatch, collapse_after: int | None, conf: float = 0.99998) -> None:
+    """Pseudo-labels = the unlabeled ground truth, then (after ``collapse_after`` steps) every pixel background at
+    confidence ``conf``: the issue's symptom (100% of the pseudo-labels on one class at confidence 0.99998)."""
+    original = recipes.RECIPES["selftrain"]
+    calls = {"n": 0}
+
+    def scripted(ctx, batch_l, batch_u, *, use_memory):
+        out = original(ctx, batch_l, batch_u, use_memory=use_memory)
+        calls["n"] += 1
+        out.pseudo = out.target_u.clone()
+        if collapse_after is not None and calls["n"] > collapse_after:
+            out.pseudo = torch.zeros_like(out.pseudo)
+            out.confidence = torch.full_like(out.confidence, conf)
+        return out
+
+    monkeypatch.setitem(recipes.RECIPES, "selftrain", scripted)
+
+
+def test_default_guard_warns_on_a_scripted_collapse_and_training_goes_on(tmp_path, data_root, monkeypatch, caplog):
+    scripted_miou(monkeypatch, [0.50])  # a steady validation: only the pseudo-labels collapse
+    one_class_teacher(monkeypatch, collapse_after=16)
+    out = tmp_path / "run"
+    cfg = tiny_config(data_root, method="selftrain", iterations=40, eval_every=8, log_every=8)
+    with caplog.at_level("WARNING", logger="allspark_seg.engine.train"):
+        result = fit(cfg, out)
+    assert result.step == 40 and (out / "results.json").exists()  # trained to the end
+    events = records(out, "guard")
+    # one warning per signal when the collapse starts (iteration 24), none while it lasts (32, 40)
+    assert [(e["step"], e["kind"], e["action"]) for e in events] == [(24, "classes", "warn"), (24, "dominant", "warn")]
+    assert "'background' 100.00% of them (labeled 75.61%) at mean confidence " in events[1]["reason"]
+    conf = float(events[1]["reason"].split("mean confidence ")[1].split(",")[0])
+    assert conf == pytest.approx(0.99998, abs=1e-3)  # a float32 mean of 24576 values
+    assert "'disc' 0.00% (labeled" in events[0]["reason"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("collapse guard: pseudo-label class share collapsed at iteration 24" in m for m in warned)
+    assert any("collapse guard: one class took the pseudo-labels at iteration 24" in m for m in warned)
+    assert any("2 warning(s) during training (classes at iteration 24, dominant at iteration 24" in m for m in warned)
+    last = load_checkpoint(out / "last.pt")["guard"]
+    assert last["warned"] == ["classes", "dominant"] and last["rollbacks"] == 0
+
+
+def test_default_guard_warns_on_an_miou_drop_and_records_the_recovery(tmp_path, data_root, monkeypatch, caplog):
+    scripted_miou(monkeypatch, [0.50, 0.38, 0.39, 0.55])  # 12 points below the best at 8, 11 at 12, back at 16
+    one_class_teacher(monkeypatch, collapse_after=None)
+    out = tmp_path / "run"
+    cfg = tiny_config(data_root, method="selftrain", iterations=16, eval_every=4, log_every=8)
+    with caplog.at_level("WARNING", logger="allspark_seg.engine.train"):
+        result = fit(cfg, out)
+    assert result.step == 16 and result.best_miou == 0.55
+    events = [(e["step"], e["kind"], e["action"]) for e in records(out, "guard")]
+    assert events == [(8, "miou", "warn"), (16, "miou", "recovered")]
+    assert [r["miou"] for r in records(out, "eval")] == [0.50, 0.38, 0.39, 0.55]  # no rollback, no re-evaluation
+    assert any("validation mIoU 38.00 at iteration 8 is 12.00 points" in r.getMessage() for r in caplog.records)
+
+
+def test_default_guard_is_quiet_on_a_healthy_run(tmp_path, data_root, monkeypatch, caplog):
+    scripted_miou(monkeypatch, [0.40, 0.45, 0.50, 0.52, 0.50])
+    one_class_teacher(monkeypatch, collapse_after=None)
+    cfg = tiny_config(data_root, method="selftrain", iterations=40, eval_every=8, log_every=8)
+    with caplog.at_level("WARNING", logger="allspark_seg.engine.train"):
+        result = fit(cfg, tmp_path / "run")
+    assert result.step == 40 and records(tmp_path / "run", "guard") == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

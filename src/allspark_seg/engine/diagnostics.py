@@ -3,7 +3,8 @@
 Pseudo-label statistics are accumulated as additive counts (:func:`pseudo_label_counts`: fixed-size scatters on the
 device, no boolean indexing or ``bincount``, so no host synchronisation) over every micro-step of a logging window,
 summed across processes, and turned into shares (:func:`stats_from_counts`) when a record is written. The collapse
-checks of the guard are small pure functions: :func:`miou_drop` and :func:`collapsed_classes`.
+checks of the guard are small pure functions: :func:`miou_drop`, :func:`collapsed_classes` and
+:func:`dominant_class`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..models.memory import SemanticMemory
 
 __all__ = [
     "collapsed_classes",
+    "dominant_class",
     "labeled_class_share",
     "loss_ratio",
     "memory_diversity",
@@ -150,3 +152,34 @@ def collapsed_classes(pseudo_share: torch.Tensor, labeled_share: torch.Tensor, m
     pseudo_share, labeled_share = pseudo_share.float().cpu(), labeled_share.float().cpu()
     low = (labeled_share > 0) & (pseudo_share < min_share * labeled_share)
     return [int(k) for k in torch.nonzero(low).flatten()]
+
+
+def dominant_class(
+    pseudo_share: torch.Tensor,
+    pseudo_conf: torch.Tensor,
+    labeled_share: torch.Tensor,
+    max_share: float,
+    min_conf: float,
+) -> int | None:
+    """The class that took (almost) every pseudo-label at a high confidence although the labeled data say otherwise.
+
+    Args:
+        pseudo_share: ``(K,)`` share of kept pseudo-labels per class.
+        pseudo_conf: ``(K,)`` mean teacher confidence of each class's kept pixels (NaN where absent).
+        labeled_share: ``(K,)`` share of labeled pixels per class.
+        max_share: Share of the kept pseudo-labels above which one class dominates (0 disables the check).
+        min_conf: Mean confidence the dominant class needs (an unsure teacher that favours a class has not
+            collapsed onto it).
+
+    Returns:
+        The class whose share exceeds ``max_share`` with a mean confidence of at least ``min_conf`` while its
+        labeled share is below ``max_share``; None when there is none.
+    """
+    if max_share <= 0:
+        return None
+    pseudo_share, pseudo_conf = pseudo_share.float().cpu(), pseudo_conf.float().cpu()
+    k = int(pseudo_share.argmax())
+    conf = float(pseudo_conf[k])
+    if pseudo_share[k] > max_share and conf >= min_conf and float(labeled_share[k]) < max_share:
+        return k
+    return None

@@ -1,11 +1,13 @@
 """ONNX export of the inference graph, checked in onnxruntime against PyTorch.
 
 The exported graph is the eval-mode forward: normalised images ``image (B, 3, H, W)`` float32 in, ``logits
-(B, K, H, W)`` float32 out, with dynamic batch, height and width. Training-only parts (the Semantic Memory, the
-channel grouping, the unlabeled self-attention) are not in it. The AllSpark block attends per image at inference
-(``model.allspark.per_image_eval=true``, the default), so every image's logits depend only on that image, whatever
-the batch. Inputs are normalised with the ImageNet mean and std (stored in the file's metadata with the class names
-and the palette).
+(B, K, H, W)`` float32 out, with dynamic batch, height and width. Training-only parts (the memory update, the
+channel grouping, the unlabeled self-attention) are not in it. With ``model.allspark.infer_memory`` and a memory
+already read in training, the Semantic Memory is in it as constants, resized in the graph to each input's stage-4
+grid (the resize is identity on the training grid); otherwise inference uses the image's own keys. The AllSpark
+block attends per image at inference (``model.allspark.per_image_eval=true``, the default), so every image's logits
+depend only on that image, whatever the batch. Inputs are normalised with the ImageNet mean and std (stored in the
+file's metadata with the class names and the palette).
 
 After writing the file, :func:`export_onnx` runs it in onnxruntime on random images of the export size and of
 another size (not a multiple of 32) and reports the largest absolute difference from PyTorch.

@@ -17,9 +17,9 @@ over the micro-steps, stay on the device until a logging step).
 
 Every logging step writes the losses and the semi-supervised diagnostics of the logging window (pseudo-label class
 shares, confidence, kept fraction and accuracy summed over all its micro-steps and processes, the labeled/unlabeled
-loss ratio, memory fill and diversity). The collapse guard (``guard.*``) watches the validation mIoU at every
-evaluation and the pseudo-label class shares at every logging step, and stops the run or rolls it back to
-``best.pt`` (see :class:`CollapseGuard` and ``docs/recipes.md``).
+loss ratio, memory fill and diversity). The collapse guard (``guard.*``, on by default for the semi-supervised
+methods) watches the validation mIoU at every evaluation and the pseudo-label class shares at every logging step, and
+warns (default), stops the run or rolls it back to ``best.pt`` (see :class:`CollapseGuard` and ``docs/recipes.md``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_
 from .data import DataBundle, prepare_data
 from .diagnostics import (
     collapsed_classes,
+    dominant_class,
     labeled_class_share,
     loss_ratio,
     memory_diversity,
@@ -93,15 +94,19 @@ class CollapseGuard:
     Attributes:
         lr_scale: Factor applied to the scheduled learning rate (``guard.lr_factor`` per rollback).
         rollbacks: Rollbacks done so far.
-        strikes: Consecutive firing checks per kind (``miou``, ``classes``).
+        strikes: Consecutive firing checks per kind (``miou``, ``classes``, ``dominant``).
         established: Classes whose pseudo-label share has reached ``guard.min_class_share`` x their labeled share at
-            some logging step; only these can collapse (a class the teacher has not learned yet has not *fallen*).
+            some logging step after the first validation; only these can collapse (a class the teacher has not
+            learned yet has not *fallen*).
+        warned: Kinds that ``guard.action=warn`` has warned about and that still fire; the warning is logged once
+            per episode, and a ``recovered`` record is written when the kind's check stops firing.
     """
 
     lr_scale: float = 1.0
     rollbacks: int = 0
     strikes: dict[str, int] = field(default_factory=dict)
     established: set[int] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)
 
     def check(self, kind: str, fired: bool, patience: int) -> bool:
         """Count a check of ``kind``; True when it fired ``patience`` times in a row (the counter then resets)."""
@@ -117,6 +122,7 @@ class CollapseGuard:
             "rollbacks": self.rollbacks,
             "strikes": dict(self.strikes),
             "established": sorted(self.established),
+            "warned": sorted(self.warned),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,6 +130,7 @@ class CollapseGuard:
         self.rollbacks = int(state["rollbacks"])
         self.strikes = {str(k): int(v) for k, v in state["strikes"].items()}
         self.established = {int(k) for k in state.get("established", [])}
+        self.warned = {str(k) for k in state.get("warned", [])}
 
 
 @dataclass
@@ -377,7 +384,7 @@ class Trainer:
     def _labeled_share(self) -> torch.Tensor | None:
         """Class shares of the labeled masks, read once when the guard watches pseudo-label class shares."""
         g = self.cfg.guard
-        if not (g.enabled and g.min_class_share > 0 and self.cfg.method != "supervised"):
+        if not (g.enabled and (g.min_class_share > 0 or g.dominant_share > 0) and self.cfg.method != "supervised"):
             return None
         from ..data import load_mask
 
@@ -627,6 +634,14 @@ class Trainer:
         if final is None:  # resumed after the end: evaluate what is there
             final = self.validate()
         self.writer.close()
+        warnings = [r for r in self.writer.history if r["type"] == "guard" and r["action"] == "warn"]
+        if warnings and env.is_main:
+            log.warning(
+                "collapse guard: %d warning(s) during training (%s; 'guard' records in %s)",
+                len(warnings),
+                ", ".join(f"{r['kind']} at iteration {r['step']}" for r in warnings),
+                self.writer.path,
+            )
         if env.is_main:
             log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
             (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
@@ -682,46 +697,77 @@ class Trainer:
 
     # -- collapse guard -------------------------------------------------------------------------------------------
     def _guard_classes(self, record: dict[str, Any]) -> None:
-        """Class-share check at a logging step, on classes the teacher had learned (see :class:`CollapseGuard`).
+        """Class-share checks at a logging step (see :class:`CollapseGuard`): an established class whose share fell
+        (``classes``) and one class that took almost every pseudo-label at a high confidence (``dominant``).
 
-        Skipped while no pixel is kept (nothing to judge) and before a best checkpoint exists (nothing to roll back
-        to); the classes above the bar are remembered in any case.
+        Skipped while no pixel is kept (nothing to judge) and before a best checkpoint exists: until the first
+        validation the teacher is untested (a model from scratch often swings through one-class predictions then) and
+        there is nothing to roll back to. Classes are established from then on.
         """
         g = self.cfg.guard
-        if self.labeled_share is None or not record.get("kept_fraction"):
+        if self.labeled_share is None or not record.get("kept_fraction") or self.best_step < 0:
             return
         share = torch.tensor([float(v) for v in record["pseudo_share"]])
+        conf = torch.tensor([math.nan if v is None else float(v) for v in record["pseudo_conf"]])
         below = set(collapsed_classes(share, self.labeled_share, g.min_class_share))
         low = sorted(below & self.guard.established)
         self.guard.established |= set(range(len(share))) - below
-        if self.best_step < 0 or not self.guard.check("classes", bool(low), g.patience):
-            return
         names = self.bundle.class_names
-        what = ", ".join(
-            f"'{names[k]}' {100 * share[k]:.2f}% (labeled {100 * self.labeled_share[k]:.2f}%)" for k in low
-        )
-        self._guard_act(
-            "classes",
-            f"pseudo-label class share collapsed at iteration {self.step}: {what} "
-            f"< guard.min_class_share={g.min_class_share} x the labeled share",
-        )
+        if self._guard_check("classes", bool(low)):
+            what = ", ".join(
+                f"'{names[k]}' {100 * share[k]:.2f}% (labeled {100 * self.labeled_share[k]:.2f}%)" for k in low
+            )
+            self._guard_act(
+                "classes",
+                f"pseudo-label class share collapsed at iteration {self.step}: {what} "
+                f"< guard.min_class_share={g.min_class_share} x the labeled share",
+            )
+        top = dominant_class(share, conf, self.labeled_share, g.dominant_share, g.dominant_conf)
+        if self._guard_check("dominant", top is not None):
+            assert top is not None
+            self._guard_act(
+                "dominant",
+                f"one class took the pseudo-labels at iteration {self.step}: '{names[top]}' {100 * share[top]:.2f}% "
+                f"of them (labeled {100 * self.labeled_share[top]:.2f}%) at mean confidence {float(conf[top]):.6f}, "
+                f"above guard.dominant_share={g.dominant_share} at guard.dominant_conf={g.dominant_conf}",
+            )
+
+    def _guard_check(self, kind: str, fired: bool) -> bool:
+        """Count a check of ``kind``; True when the guard must act. A warned kind whose check no longer fires gets a
+        ``recovered`` record (and may warn again later)."""
+        if not fired and kind in self.guard.warned:
+            self.guard.warned.discard(kind)
+            self.writer.write({"type": "guard", "step": self.step, "kind": kind, "action": "recovered"})
+            log.info("collapse guard: %s recovered at iteration %d", kind, self.step)
+        return self.guard.check(kind, fired, self.cfg.guard.patience)
 
     def _guard_miou(self, miou: float) -> bool:
         """mIoU check at a validation; True when the guard rolled the model back."""
         g = self.cfg.guard
         drop = miou_drop(self.best_miou, miou)
-        if not (g.enabled and self.guard.check("miou", drop > g.miou_drop, g.patience)):
+        if not (g.enabled and self._guard_check("miou", drop > g.miou_drop)):
             return False
-        self._guard_act(
+        return self._guard_act(
             "miou",
             f"validation mIoU {100 * miou:.2f} at iteration {self.step} is {drop:.2f} points below the best "
             f"{100 * self.best_miou:.2f} (iteration {self.best_step}), more than guard.miou_drop={g.miou_drop}",
         )
-        return True
 
-    def _guard_act(self, kind: str, reason: str) -> None:
-        """Stop (raise :class:`TrainingCollapsed`) or roll back to ``best.pt``, as ``guard.action`` says."""
+    def _guard_act(self, kind: str, reason: str) -> bool:
+        """Warn, stop (raise :class:`TrainingCollapsed`) or roll back to ``best.pt``, as ``guard.action`` says.
+
+        Returns:
+            True when the model was rolled back.
+        """
         g = self.cfg.guard
+        if g.action == "warn":
+            if kind not in self.guard.warned:  # once per episode: the kind's check has fired since the last warning
+                self.guard.warned.add(kind)
+                self.writer.write(
+                    {"type": "guard", "step": self.step, "kind": kind, "action": "warn", "reason": reason}
+                )
+                log.warning("collapse guard: %s; training goes on (guard.action=warn)", reason)
+            return False
         best = self.out_dir / BEST
         stop = g.action == "stop" or self.guard.rollbacks >= g.max_rollbacks
         action = "stop" if stop else "rollback"
@@ -745,6 +791,7 @@ class Trainer:
             self.guard.rollbacks,
             g.max_rollbacks,
         )
+        return True
 
     def rollback(self, path: Path) -> None:
         """Reload weights, Semantic Memory, EMA teacher and optimiser state from ``path``; keep the iteration, the

@@ -69,6 +69,7 @@ def build_model(
     per_image_eval: bool = True,
     gather_memory: bool = True,
     pretrained: str | None = None,
+    infer_memory: bool = False,
 ) -> AllSparkSegmentor:
     """Build an AllSpark (or plain SegFormer) segmentor.
 
@@ -101,6 +102,8 @@ def build_model(
         pretrained: Local path of ImageNet encoder weights: NVlabs ``mit_bX.pth`` or a Hugging Face directory for
             MiT, torchvision's ``mobilenet_v2-b0353104.pth`` for ``mobilenet_v2``, ``efficientnet-lite0-57934424.pth``
             (``efficientnet_pytorch`` layout) for ``efficientnet_lite0``; their classification heads are ignored.
+        infer_memory: Inference reads the Semantic Memory as the labeled training stream does after the warm-up
+            (needs ``memory``); False (official) uses the image's own keys (see :class:`AllSparkBlock`).
 
     Returns:
         The segmentor, with ``.encoder``, ``.head`` and ``.allspark`` (None when ``allspark=False``).
@@ -116,6 +119,8 @@ def build_model(
             raise ConfigError(f"Unknown {name} '{value}': choose one of {', '.join(valid)}.")
     if memory_length is not None and memory_length < 1:
         raise ConfigError(f"memory_length must be positive, got {memory_length}.")
+    if allspark and infer_memory and not memory:
+        raise ConfigError("infer_memory=True reads the Semantic Memory at inference: it needs memory=True.")
     if isinstance(encoder, nn.Module):
         enc = encoder
     elif isinstance(encoder, str) and encoder in CNN_ENCODERS:
@@ -141,6 +146,7 @@ def build_model(
             grid,
             num_heads=num_heads,
             per_image_eval=per_image_eval,
+            infer_memory=infer_memory,
             memory=memory,
             memory_length=memory_length,
             memory_init=memory_init,

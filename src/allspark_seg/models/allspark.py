@@ -14,7 +14,17 @@ Differences from the official code are options (defaults in brackets): keys/valu
 samples instead of repeated per sample [always]; labeled and unlabeled maps are separate arguments of any batch
 sizes [always]; inference computes only the cross branch, per image [``per_image_eval=True``; the official
 batch-coupled behaviour with ``coupled=True``]; guide maps as logits [official] or probabilities; memory length
-free; zero-initialised memory with empty classes masked out [``randn``, official].
+free; zero-initialised memory with empty classes masked out [``randn``, official]; inference reads the Semantic
+Memory, as the labeled training stream does after the warm-up, instead of keys from the image itself
+[``infer_memory=False``, official].
+
+``infer_memory``: the block gets a bool buffer ``memory_ready`` that a training forward reading the memory sets (it
+travels with checkpoints and is copied to an EMA teacher with the other buffers). In eval mode, once it is set, every
+image attends to the projected memory exactly as a labeled training sample does; before (during the warm-up) it uses
+its own keys. The memory stores maps on the training crop's stage-4 grid; for an image whose grid differs, the
+memory's channel maps are resized bilinearly to the image's grid before the projection (the projections act on the
+slot axis, so resizing maps or projected keys gives the same keys). Attention logits are standardised per matrix
+(psi), so the number of positions does not change their scale.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import blocked_attention, psi_scale
@@ -154,10 +165,20 @@ class ChannelCrossAttention(nn.Module):
         self.memory.enqueue(maps, local)
         return classes
 
-    def _memory_keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Project the memory into shared keys and values ``(N, K * 2C)`` and the valid-column mask."""
+    def _memory_keys_values(
+        self, grid: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Project the memory into shared keys and values ``(N, K * 2C)`` and the valid-column mask.
+
+        Args:
+            grid: ``(h, w)`` of the queries' map; when it is not the memory's grid (or while exporting, where the
+                graph must serve every size) the memory's channel maps are first resized to it (:func:`resize_maps`).
+        """
         assert self.memory is not None
-        bank = self.memory.bank.transpose(1, 2)  # (K, N, L)
+        bank = self.memory.bank
+        if grid is not None and (tuple(grid) != self.memory.grid or _exporting()):
+            bank = resize_maps(bank, self.memory.grid, grid)
+        bank = bank.transpose(1, 2)  # (K, N, L)
         k_proj = self.k_mem if self.k_mem is not None else self.k_l2u
         v_proj = self.v_mem if self.v_mem is not None else self.v_l2u
         keys = _flatten_sources(k_proj(bank))  # (N, K * 2C)
@@ -232,7 +253,13 @@ class ChannelCrossAttention(nn.Module):
         return blocked_attention(rows, keys, values, None, p).view(b, d, n)
 
     def forward(
-        self, z_l: torch.Tensor, z_u: torch.Tensor | None, *, use_memory: bool = False, coupled: bool = True
+        self,
+        z_l: torch.Tensor,
+        z_u: torch.Tensor | None,
+        *,
+        use_memory: bool = False,
+        coupled: bool = True,
+        grid: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend. Without ``z_u`` (inference) labeled tokens use their own channels as keys and values.
 
@@ -242,6 +269,8 @@ class ChannelCrossAttention(nn.Module):
             use_memory: Read keys/values from the Semantic Memory instead of the unlabeled batch.
             coupled: Without ``z_u``: share the channels of the whole batch as keys (official eval behaviour) instead
                 of attending per image.
+            grid: ``(h, w)`` of the tokens; with ``use_memory``, a grid other than the memory's resizes its maps
+                (None: the memory's grid).
 
         Returns:
             ``(y_l (B_l, N, C), y_u (B_u, N, C) or None)``.
@@ -249,7 +278,7 @@ class ChannelCrossAttention(nn.Module):
         if use_memory:
             if self.memory is None:
                 raise ValueError("use_memory=True but this AllSpark block was built without a Semantic Memory.")
-            keys, values, mask = self._memory_keys_values()
+            keys, values, mask = self._memory_keys_values(grid)
             y_l = self.cross_attention(z_l, keys, values, mask)
         else:
             source = z_l if z_u is None else z_u
@@ -267,6 +296,17 @@ def _flatten_sources(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2).reshape(x.shape[1], -1)
 
 
+def resize_maps(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize flattened spatial maps ``(..., h * w)`` on ``grid`` to ``size`` -> ``(..., H * W)``.
+
+    ``align_corners=False``, as everywhere in the package; resizing to the same grid returns the maps unchanged.
+    """
+    lead = maps.shape[:-1]
+    flat = maps.reshape(-1, 1, grid[0], grid[1])
+    out = F.interpolate(flat, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, -1)
+
+
 class AllSparkBlock(nn.Module):
     """The AllSpark bottleneck on the last encoder stage (the official ``AllSpark`` module).
 
@@ -277,6 +317,9 @@ class AllSparkBlock(nn.Module):
         num_heads: Heads of the unlabeled self-attention (2 in the paper).
         per_image_eval: Inference attends per image (default), so a prediction never depends on the rest of its
             batch; ``False`` restores the official batch-coupled eval (every image attends to the whole batch).
+        infer_memory: Inference (eval mode, without unlabeled maps) reads the Semantic Memory, as the labeled
+            training stream does after the warm-up, once a training forward has read it (``memory_ready``); before,
+            it uses the image's own keys. Needs the memory. ``False`` (official): the image's own keys, always.
         **attn_kwargs: Options of :class:`ChannelCrossAttention` (memory, memory_length, memory_init, attn_dropout,
             grouping, grouping_resize, gather_memory).
 
@@ -291,10 +334,12 @@ class AllSparkBlock(nn.Module):
         grid: tuple[int, int],
         num_heads: int = 2,
         per_image_eval: bool = True,
+        infer_memory: bool = False,
         **attn_kwargs: object,
     ) -> None:
         super().__init__()
         self.per_image_eval = per_image_eval
+        self.infer_memory = infer_memory
         self.map_in = nn.Sequential(nn.Conv2d(channels, channels, kernel_size=1), nn.GELU())
         self.attn_norm = nn.LayerNorm(channels, eps=1e-6)
         self.attn = ChannelCrossAttention(channels, num_heads, num_classes, grid, **attn_kwargs)  # type: ignore[arg-type]
@@ -303,11 +348,55 @@ class AllSparkBlock(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
+        self._ready_seen = False  # host-side copy of memory_ready once it is True (reset by load_state_dict)
+        if infer_memory:
+            if self.attn.memory is None:
+                raise ValueError("infer_memory=True needs the Semantic Memory (memory=True).")
+            self.register_buffer("memory_ready", torch.zeros((), dtype=torch.bool))
 
     @property
     def memory(self) -> SemanticMemory | None:
         """The Semantic Memory, or None when the block has none."""
         return self.attn.memory
+
+    def reads_memory_at_inference(self) -> bool:
+        """Whether an eval-mode forward reads the Semantic Memory (``infer_memory`` and ``memory_ready`` set).
+
+        The buffer is read on the host until it is found set (during the warm-up: one scalar read per eval
+        forward); from then on the answer is remembered, since only loading a state dict can clear the flag.
+        """
+        if not self.infer_memory:
+            return False
+        if not self._ready_seen:
+            self._ready_seen = bool(self.memory_ready)
+        return self._ready_seen
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load, with the ``memory_ready`` flag optional both ways.
+
+        A state dict written without ``infer_memory`` counts as ready when its memory holds written slots; the flag
+        of a state dict written with it is dropped by a block without it. The remembered flag is forgotten.
+        """
+        key = prefix + "memory_ready"
+        self._ready_seen = False
+        if self.infer_memory and key not in state_dict:
+            filled = state_dict.get(prefix + "attn.memory.filled")
+            ready = bool(filled.any()) if filled is not None else False
+            state_dict[key] = torch.tensor(ready)
+        elif not self.infer_memory and key in state_dict:
+            state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(
         self,
@@ -325,9 +414,10 @@ class AllSparkBlock(nn.Module):
             feat_u: Unlabeled maps ``(B_u, C, h, w)``; None for inference or a supervised forward.
             guide_logits: Teacher output for ``feat_u``'s images ``(B_u, K, H, W)``. In training mode it triggers
                 the channel grouping and memory update (before the memory is read, as officially).
-            use_memory: Take keys/values from the Semantic Memory (after the warm-up).
+            use_memory: Take keys/values from the Semantic Memory (after the warm-up). In eval mode with
+                ``infer_memory`` the memory is also read once ``memory_ready`` is set.
             coupled: Without ``feat_u``: attend to the whole batch (official eval) rather than per image;
-                ``None`` uses ``not per_image_eval``.
+                ``None`` uses ``not per_image_eval``. Irrelevant when the memory is read (keys shared by all images).
 
         Returns:
             ``(out_l (B_l, C, h, w), out_u (B_u, C, h, w) or None)``.
@@ -339,9 +429,15 @@ class AllSparkBlock(nn.Module):
         z_l, z_u = (z, None) if feat_u is None else (z[:b_l], z[b_l:])
         if self.training and z_u is not None and guide_logits is not None and self.attn.memory is not None:
             self.attn.update_memory(z_u, guide_logits, (h, w))
+        if self.infer_memory:
+            if self.training and use_memory:
+                self.memory_ready.fill_(True)  # a device write, no synchronisation
+                self._ready_seen = True
+            elif not self.training and feat_u is None:
+                use_memory = use_memory or self.reads_memory_at_inference()
         if coupled is None:
             coupled = not self.per_image_eval
-        y_l, y_u = self.attn(z_l, z_u, use_memory=use_memory, coupled=coupled)
+        y_l, y_u = self.attn(z_l, z_u, use_memory=use_memory, coupled=coupled, grid=(h, w))
         y = y_l if y_u is None else torch.cat([y_l, y_u])
         out = self.encoder_norm(y + tokens)  # residual with the tokens before the pre-norm
         out = self.map_out(out.transpose(1, 2).reshape(out.shape[0], -1, h, w))  # (B, C, h, w)
