@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mobilenet import conv_output_size, find_package_file, load_weight_file
+from .mobilenet import conv_output_size, find_package_file, init_cnn_weights, load_weight_file
 
 __all__ = ["EFFICIENTNET_LITE0_BLOCKS", "EfficientNetLite0Encoder", "MBConv", "SameConv2d", "installed_weights"]
 
@@ -153,7 +153,7 @@ class EfficientNetLite0Encoder(nn.Module):
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self.register_buffer("input_scale", (255.0 * std / TF_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", ((255.0 * mean - TF_MEAN) / TF_STD).view(1, 3, 1, 1), persistent=False)
-        self.apply(_init_weights)
+        self.apply(init_cnn_weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encode ImageNet-normalised ``(B, 3, H, W)`` into the four maps (strides 4, 8, 16, 32)."""
@@ -188,15 +188,6 @@ class EfficientNetLite0Encoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.out_channels}, reductions={self.reductions}"
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Random initialisation: convolutions He-normal on fan-out, BatchNorm 1/0."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def installed_weights() -> Path | None:

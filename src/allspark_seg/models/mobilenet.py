@@ -137,7 +137,7 @@ class MobileNetV2Encoder(nn.Module):
         for s in strides:
             total.append(total[-1] * s)
         self.reductions: tuple[int, ...] = tuple(total[end] for end in STAGE_ENDS)
-        self.apply(_init_weights)
+        self.apply(init_cnn_weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encode ``(B, 3, H, W)`` into the four maps (strides 4, 8, 16, 32)."""
@@ -177,8 +177,9 @@ class MobileNetV2Encoder(nn.Module):
         return f"channels={self.out_channels}, reductions={self.reductions}"
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Random initialisation: convolutions He-normal on fan-out, BatchNorm 1/0, linear layers N(0, 0.01)."""
+def init_cnn_weights(module: nn.Module) -> None:
+    """Random initialisation of the CNN encoders: convolutions He-normal on fan-out, BatchNorm 1/0, linear layers
+    N(0, 0.01)."""
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out")
         if module.bias is not None:
