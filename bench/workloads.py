@@ -2,10 +2,12 @@
 the peak resident memory it reports belongs to that one configuration.
 
 Both sides of every comparison are built from the same seed with the same weights: the allspark-seg model first,
-then the literal official model from it (:func:`literal.literal_twin`). Our training iteration is the engine's
-``allspark`` recipe (:func:`allspark_seg.engine.recipes.self_training_step`); the literal one restates
-``train_allspark.py``. Both use faithful options (batch-coupled teacher, randn-initialised memory, logit grouping),
-read the memory, and run with dropout and drop-path on, as in training.
+then the baseline from it. The baseline is the official code itself when a checkout is given (``official``: its
+folder; :func:`official.official_twin`), else the restatement ``tests/official_reference.py``
+(:func:`literal.literal_twin`), which the report uses only where it isolates one design choice. Our training
+iteration is the engine's ``allspark`` recipe (:func:`allspark_seg.engine.recipes.self_training_step`); the
+baseline's is one iteration of ``train_allspark.py``. Both use faithful options (batch-coupled teacher,
+randn-initialised memory, logit grouping), read the memory, and run with dropout and drop-path on, as in training.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from typing import Any
 
 import torch
 from literal import R, literal_optimizer, literal_train_step, literal_twin
+from official import official_memory_class, official_twin
 from torch import nn
 from torch.utils import flop_counter
 
 from allspark_seg import build_model
 from allspark_seg.config import load_config
 from allspark_seg.engine.recipes import StepContext, self_training_step
-from allspark_seg.interop import FAITHFUL_OPTIONS, official_key, to_official_state_dict
+from allspark_seg.interop import FAITHFUL_OPTIONS, load_official_checkpoint, official_key, to_official_state_dict
 from allspark_seg.losses import build_loss
 from allspark_seg.models import AllSparkSegmentor, SemanticMemory, channel_grouping
 from allspark_seg.optim import build_optimizer, param_groups
@@ -45,6 +48,7 @@ __all__ = [
     "memory_update",
     "train_memory",
     "train_pair",
+    "train_time",
 ]
 
 HEAD_DIM = 768  # AllSpark's SegFormer head width
@@ -127,11 +131,22 @@ def matmul_peak(size: int = 4096, repeats: int = 5, dtype: str = "float32") -> d
 
 
 # -- models and data --------------------------------------------------------------------------------------------------
-def build_ours(encoder: str, classes: int, crop: int, **overrides: Any) -> AllSparkSegmentor:
-    """Our model with the faithful options (official behaviour), seeded, head width 768."""
+def build_ours(encoder: str, classes: int, crop: int, head_dim: int = HEAD_DIM, **overrides: Any) -> AllSparkSegmentor:
+    """Our model with the faithful options (official behaviour), seeded; ``head_dim``: SegFormer head width."""
     torch.manual_seed(0)
     options = {**FAITHFUL_OPTIONS, **overrides}
-    return build_model(encoder, num_classes=classes, crop_size=crop, head_dim=HEAD_DIM, **options)
+    return build_model(encoder, num_classes=classes, crop_size=crop, head_dim=head_dim, **options)
+
+
+def baseline_name(official: str | None) -> str:
+    """``official`` when the official checkout is given, else ``literal`` (the restatement)."""
+    return "official" if official else "literal"
+
+
+def baseline_twin(model: AllSparkSegmentor, crop: int, official: str | None) -> nn.Module:
+    """The baseline model with ``model``'s weights: the official code from the folder ``official``, else the
+    restatement."""
+    return official_twin(model, crop, official) if official else literal_twin(model, crop)
 
 
 def batch(crop: int, classes: int, size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,24 +211,30 @@ def our_step_fn(
     return step
 
 
-def literal_step_fn(model: AllSparkSegmentor, crop: int, classes: int) -> Callable[[], torch.Tensor]:
-    """One literal ``train_allspark.py`` iteration as a closure (the allspark-seg model is not kept)."""
-    ref = literal_twin(model, crop)
+def baseline_step_fn(
+    model: AllSparkSegmentor, crop: int, classes: int, official: str | None = None
+) -> Callable[[], torch.Tensor]:
+    """One ``train_allspark.py`` iteration of the baseline (the official code from the folder ``official``, else
+    the restatement) as a closure: teacher pass in eval mode, setters, student pass on the labeled + unlabeled
+    batch (the memory update runs inside it), losses, backward, SGD step. The allspark-seg model is not kept."""
+    ref = baseline_twin(model, crop, official)
     optimizer = literal_optimizer(ref, LR, LR_MULTI)
     x_l, y_l, x_u = batch(crop, classes)
     return lambda: literal_train_step(ref, optimizer, x_l, y_l, x_u)
 
 
 # -- workloads --------------------------------------------------------------------------------------------------------
-def _step_for(variant: dict[str, Any], encoder: str, crop: int, classes: int) -> Callable[[], torch.Tensor]:
-    """A training-iteration closure for ``variant`` = ``{"impl", "precision", "channels_last", "compile_model"}``;
-    both implementations start from the same seeded weights."""
+def _step_for(
+    variant: dict[str, Any], encoder: str, crop: int, classes: int, head_dim: int = HEAD_DIM
+) -> Callable[[], torch.Tensor]:
+    """A training-iteration closure for ``variant`` = ``{"impl", "precision", "channels_last", "compile_model"}``
+    (``{"impl": "official", "path": DIR}`` for the official code); all start from the same seeded weights."""
     impl = variant["impl"]
-    model = build_ours(encoder, classes, crop)
-    if impl == "literal":
+    model = build_ours(encoder, classes, crop, head_dim)
+    if impl in ("literal", "official"):
         if variant.get("precision", "fp32") != "fp32" or variant.get("channels_last") or variant.get("compile_model"):
-            raise ValueError("The literal baseline runs in fp32, contiguous, eager only.")
-        return literal_step_fn(model, crop, classes)
+            raise ValueError(f"The {impl} baseline runs in fp32, contiguous, eager only.")
+        return baseline_step_fn(model, crop, classes, variant["path"] if impl == "official" else None)
     if impl != "ours":
         raise ValueError(f"Unknown implementation {impl!r}.")
     return our_step_fn(
@@ -235,12 +256,13 @@ def train_pair(
     warmup: int = 1,
     repeats: int = 5,
     flops: bool = False,
+    head_dim: int = HEAD_DIM,
 ) -> dict[str, Any]:
     """Training-iteration times of two variants measured alternately in one process (base, other, base, ...), so
     both see the same machine conditions; the ratio is the median of the per-pair ratios ``other / base``.
 
     Args:
-        base: The reference variant, e.g. ``{"impl": "literal"}``.
+        base: The reference variant, e.g. ``{"impl": "official", "path": DIR}``.
         other: The measured variant, e.g. ``{"impl": "ours", "precision": "bf16", "channels_last": True}``.
         encoder: MiT variant.
         crop: Square crop (not a multiple of 32, as the official memory formula needs).
@@ -248,8 +270,9 @@ def train_pair(
         warmup: Untimed iterations of each first (the first one is reported separately).
         repeats: Timed iterations of each.
         flops: Also count the FLOPs of one more iteration of each.
+        head_dim: SegFormer head width of both.
     """
-    steps = [_step_for(base, encoder, crop, classes), _step_for(other, encoder, crop, classes)]
+    steps = [_step_for(base, encoder, crop, classes, head_dim), _step_for(other, encoder, crop, classes, head_dim)]
     gc.collect()
     first = []
     for step in steps:
@@ -278,10 +301,30 @@ def train_pair(
     return out
 
 
-def train_memory(variant: dict[str, Any], encoder: str, crop: int, classes: int, iterations: int = 2) -> dict[str, Any]:
+def train_time(
+    variant: dict[str, Any],
+    encoder: str,
+    crop: int,
+    classes: int,
+    warmup: int = 1,
+    repeats: int = 5,
+    head_dim: int = HEAD_DIM,
+) -> dict[str, Any]:
+    """Training-iteration time of one variant alone (when there is no baseline to alternate with)."""
+    step = _step_for(variant, encoder, crop, classes, head_dim)
+    gc.collect()
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    return {**summary(timed(step, warmup - 1, repeats)), "first": first}
+
+
+def train_memory(
+    variant: dict[str, Any], encoder: str, crop: int, classes: int, iterations: int = 2, head_dim: int = HEAD_DIM
+) -> dict[str, Any]:
     """Peak resident memory of one variant alone in this process over ``iterations`` training iterations (two: the
     second one also holds the optimiser's momentum buffers)."""
-    step = _step_for(variant, encoder, crop, classes)
+    step = _step_for(variant, encoder, crop, classes, head_dim)
     gc.collect()
     rss_before = current_rss_mb()
     for _ in range(iterations):
@@ -290,16 +333,25 @@ def train_memory(variant: dict[str, Any], encoder: str, crop: int, classes: int,
 
 
 def memory_update(
-    classes: int = 81, batch_u: int = 4, channels: int = 512, grid: int = 17, warmup: int = 3, repeats: int = 20
+    classes: int = 81,
+    batch_u: int = 4,
+    channels: int = 512,
+    grid: int = 17,
+    warmup: int = 3,
+    repeats: int = 20,
+    official: str | None = None,
 ) -> dict[str, Any]:
     """The Semantic Memory update alone: the official per-sample, per-class loop vs the vectorised enqueue.
 
-    Both start from the same memory and receive the same channel maps and classes (from the channel grouping of
-    random LayerNormed features against random guide logits); they must end in the same state.
+    The loop is the official ``CrossAttnMem._dequeue_and_enqueue`` itself when ``official`` (the checkout) is
+    given, else the restatement's copy of it. Both start from the same memory and receive the same channel maps
+    and classes (from the channel grouping of random LayerNormed features against random guide logits); they must
+    end in the same state.
     """
     n = grid * grid
     torch.manual_seed(0)
-    literal = R.CrossAttnMem(2, channels, 0.1, classes, n)
+    memory_class = official_memory_class(official) if official else R.CrossAttnMem
+    literal = memory_class(2, channels, 0.1, classes, n)
     ours = SemanticMemory(classes, channels, (grid, grid))
     ours.bank.copy_(literal.kv_queue)
     gen = torch.Generator().manual_seed(1)
@@ -318,7 +370,8 @@ def memory_update(
     t_ours = timed(run_ours, warmup, repeats)
     same = torch.equal(ours.ptr, literal.queue_ptr) and torch.equal(ours.bank, literal.kv_queue)
     return {
-        "literal": summary(t_lit),
+        "baseline": baseline_name(official),
+        "base": summary(t_lit),
         "ours": summary(t_ours),
         "same_state": bool(same),
         "classes_per_sample": [int(c.unique().numel()) for c in cls],
@@ -371,14 +424,19 @@ def inference(
     onnx: bool = True,
     bf16: bool = True,
     threads: int = 2,
+    official: str | None = None,
 ) -> dict[str, Any]:
-    """Single-image inference latency: ours (fp32, bf16 autocast, onnxruntime) and the literal model (same weights).
+    """Single-image inference latency: ours (fp32, bf16 autocast, onnxruntime) and, when ``official`` (the
+    checkout) is given, the official model with the same weights.
 
-    Ours uses its default per-image inference (the cross branch only, once); the literal model duplicates the
-    input and computes the discarded self-attention branch. Also checks that both give the same logits.
+    Ours uses its default per-image inference (the cross branch only, once); the official model duplicates the
+    input and computes the discarded self-attention branch. Also checks that both give the same logits. Without
+    the official code only ours is timed (the restatement would compare several design choices at once).
     """
     model = build_ours(encoder, classes, 513, per_image_eval=True).eval()  # 513: the official 17 x 17 memory grid
-    ref = literal_twin(model, 513).eval()
+    models: dict[str, nn.Module] = {"ours": model}
+    if official:
+        models["official"] = official_twin(model, 513, official).eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
     results: dict[str, Any] = {}
 
@@ -389,15 +447,18 @@ def inference(
 
         return run
 
-    for name, m in (("ours", model), ("literal", ref)):
+    for name, m in models.items():
         for precision in ("fp32", "bf16") if bf16 else ("fp32",):
             results[f"{name} {precision}"] = summary(timed(torch_run(m, precision == "bf16"), warmup, repeats))
     with torch.inference_mode():
-        ours_out, ref_out = model(x), ref(x)
-    checks = {"ours vs literal (fp32)": rel(ours_out, ref_out)}
+        outputs = {name: m(x) for name, m in models.items()}
+    checks = {}
+    if official:
+        checks["ours vs official (fp32)"] = rel(outputs["ours"], outputs["official"])
     if onnx:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, m, expected in (("ours", model, ours_out), ("literal", ref, ref_out)):
+            for name, m in models.items():
+                expected = outputs[name]
                 path = Path(tmp) / f"{name}.onnx"
                 _export_onnx(m, x, path)
                 session = _ort_session(path, threads)
@@ -406,7 +467,14 @@ def inference(
                     timed(lambda s=session, f=feed: s.run(None, f), warmup, repeats)
                 )
                 checks[f"{name} onnxruntime vs PyTorch"] = rel(torch.from_numpy(session.run(None, feed)[0]), expected)
-    return {"latency": results, "checks": checks, "size": size, "encoder": encoder, "classes": classes}
+    return {
+        "latency": results,
+        "checks": checks,
+        "size": size,
+        "encoder": encoder,
+        "classes": classes,
+        "baseline": "official" if official else None,
+    }
 
 
 def _gradient_errors(
@@ -429,15 +497,16 @@ def _gradient_errors(
     return out
 
 
-def _iteration(model: nn.Module, literal: bool, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor) -> tuple:
-    """The official iteration up to backward (dropout off): teacher logits, student logits (labeled, unlabeled)."""
+def _iteration(model: nn.Module, baseline: bool, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor) -> tuple:
+    """The official iteration up to backward (dropout off): teacher logits, student logits (labeled, unlabeled).
+    ``baseline``: ``model`` is the official code or the restatement (state through setters, one batch)."""
     dtype = next(model.parameters()).dtype
     x_l, x_u = x_l.to(dtype), x_u.to(dtype)
     with torch.no_grad():
         model.eval()
         teacher = model(x_u)
     model.train()
-    if literal:
+    if baseline:
         model.decoder.set_pseudo_prob_map(teacher)
         model.decoder.set_SMem_status(epoch=model.decoder.warmup_epoch)
         logits_l, logits_u = model(torch.cat([x_l, x_u])).split([x_l.shape[0], x_u.shape[0]])
@@ -450,17 +519,45 @@ def _iteration(model: nn.Module, literal: bool, x_l: torch.Tensor, y_l: torch.Te
     return teacher, logits_l, logits_u
 
 
-def equivalence(encoder: str = "mit_b0", crop: int = 257, classes: int = 81, steps: int = 2) -> dict[str, Any]:
-    """Our model against the literal one with the same weights, dropout off, the memory read, ``steps`` SGD steps.
+def _interop_round_trip(ref: nn.Module, crop: int, x: torch.Tensor) -> dict[str, float]:
+    """Save the baseline's ``state_dict`` as ``train_allspark.py`` does (``{"model": ...}``), read it back with
+    :func:`allspark_seg.interop.load_official_checkpoint`; the tensors and the eval logits must come back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "latest.pth"
+        torch.save({"model": ref.state_dict(), "epoch": 0}, path)
+        loaded = load_official_checkpoint(path, crop_size=crop)
+    state = ref.state_dict()
+    back = to_official_state_dict(loaded)
+    tensors = max(rel(v, state[k]) for k, v in back.items() if v.is_floating_point())
+    with torch.no_grad():
+        ref.eval()
+        loaded.eval()
+        logits = rel(loaded(x), ref(x))
+    return {"checkpoint tensors": tensors, "eval logits": logits}
 
-    - float64: ours vs literal (teacher logits, training logits, every gradient, the memory, the state after the
+
+def equivalence(
+    encoder: str = "mit_b0",
+    crop: int = 257,
+    classes: int = 81,
+    steps: int = 2,
+    official: str | None = None,
+    head_dim: int = HEAD_DIM,
+) -> dict[str, Any]:
+    """Our model against the baseline (the official code from the folder ``official``, else the restatement) with
+    the same weights, dropout off, the memory read, ``steps`` SGD steps.
+
+    - float64: ours vs baseline (teacher logits, training logits, every gradient, the memory, the state after the
       steps): the algorithms are the same up to rounding, so the differences are ~1e-13.
-    - float32: ours vs literal logits; and the gradient error of each implementation against its float64 run (the
-      literal code's own float32 error reaches 1e-4..1e-3 for some parameters at this size, so "ours vs literal"
-      in float32 would measure the literal code's rounding, not ours).
+    - float32: ours vs baseline logits; and the gradient error of each implementation against its float64 run (the
+      official code's own float32 error reaches 1e-4..1e-3 for some parameters at this size, so "ours vs
+      official" in float32 would measure the official code's rounding, not ours).
+    - the baseline's float32 state after the steps, saved as an official checkpoint and read back with
+      ``load_official_checkpoint``: the same tensors and eval logits.
     """
-    base = no_dropout(build_ours(encoder, classes, crop, drop_path=0.0))
-    models = {"ours": base, "literal": literal_twin(base, crop)}
+    b = baseline_name(official)
+    base = no_dropout(build_ours(encoder, classes, crop, head_dim, drop_path=0.0))
+    models = {"ours": base, b: baseline_twin(base, crop, official)}
     models = {
         **{f"{k} float32": v for k, v in models.items()},
         **{f"{k} float64": copy.deepcopy(v).double() for k, v in models.items()},
@@ -468,7 +565,7 @@ def equivalence(encoder: str = "mit_b0", crop: int = 257, classes: int = 81, ste
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for k, m in models.items()}
     worst: dict[str, float] = {}
     worst_param: dict[str, tuple[str, float]] = {}
-    literal_at_ours_worst = 0.0
+    baseline_at_ours_worst = 0.0
 
     def record(key: str, value: float) -> None:
         worst[key] = max(worst.get(key, 0.0), value)
@@ -476,42 +573,47 @@ def equivalence(encoder: str = "mit_b0", crop: int = 257, classes: int = 81, ste
     for step in range(steps):
         x_l, y_l, x_u = batch(crop, classes)
         x_l, x_u = x_l + step, x_u - step  # a different batch per step
-        outs = {k: _iteration(m, k.startswith("literal"), x_l, y_l, x_u) for k, m in models.items()}
+        outs = {k: _iteration(m, k.startswith(b), x_l, y_l, x_u) for k, m in models.items()}
         for dtype in ("float64", "float32"):
-            o, li = outs[f"ours {dtype}"], outs[f"literal {dtype}"]
-            record(f"{dtype}: teacher logits, ours vs literal", rel(o[0], li[0]))
-            record(f"{dtype}: training logits, ours vs literal", max(rel(o[1], li[1]), rel(o[2], li[2])))
-        ours64, lit64 = models["ours float64"], models["literal float64"]
-        ours32, lit32 = models["ours float32"], models["literal float32"]
+            o, li = outs[f"ours {dtype}"], outs[f"{b} {dtype}"]
+            record(f"{dtype}: teacher logits, ours vs {b}", rel(o[0], li[0]))
+            record(f"{dtype}: training logits, ours vs {b}", max(rel(o[1], li[1]), rel(o[2], li[2])))
+        ours64, ref64 = models["ours float64"], models[f"{b} float64"]
+        ours32, ref32 = models["ours float32"], models[f"{b} float32"]
         comparisons = {
-            "float64: gradients, ours vs literal": _gradient_errors(ours64, lit64, official_key),
+            f"float64: gradients, ours vs {b}": _gradient_errors(ours64, ref64, official_key),
             "float32: gradients, ours vs float64": _gradient_errors(ours32, ours64),
-            "float32: gradients, literal vs float64": _gradient_errors(lit32, lit64),
+            f"float32: gradients, {b} vs float64": _gradient_errors(ref32, ref64),
             "float32: gradients (norm-wise), ours vs float64": _gradient_errors(ours32, ours64, norm=True),
-            "float32: gradients (norm-wise), literal vs float64": _gradient_errors(lit32, lit64, norm=True),
+            f"float32: gradients (norm-wise), {b} vs float64": _gradient_errors(ref32, ref64, norm=True),
         }
         for label, errors in comparisons.items():
             name = max(errors, key=errors.get)
             record(label, errors[name])
             if errors[name] >= worst_param.get(label, ("", -1.0))[1]:
                 worst_param[label] = (name, errors[name])
-                if label == "float32: gradients, ours vs float64":  # the literal code's error on the same gradient
-                    literal_at_ours_worst = comparisons["float32: gradients, literal vs float64"][official_key(name)]
+                if label == "float32: gradients, ours vs float64":  # the baseline's error on the same gradient
+                    baseline_at_ours_worst = comparisons[f"float32: gradients, {b} vs float64"][official_key(name)]
         for dtype in ("float64", "float32"):
-            mem, lit = models[f"ours {dtype}"].allspark.memory, models[f"literal {dtype}"].decoder.allspark.attn
-            record(f"{dtype}: memory bank, ours vs literal", rel(mem.bank, lit.kv_queue))
-            record(f"{dtype}: memory pointers differ", float(not torch.equal(mem.ptr, lit.queue_ptr)))
+            mem, ref = models[f"ours {dtype}"].allspark.memory, models[f"{b} {dtype}"].decoder.allspark.attn
+            record(f"{dtype}: memory bank, ours vs {b}", rel(mem.bank, ref.kv_queue))
+            record(f"{dtype}: memory pointers differ", float(not torch.equal(mem.ptr, ref.queue_ptr)))
         for opt in optimizers.values():
             opt.step()
     for dtype in ("float64", "float32"):
-        official = to_official_state_dict(models[f"ours {dtype}"])
-        reference = models[f"literal {dtype}"].state_dict()
-        diff = max(rel(v, reference[k]) for k, v in official.items() if v.is_floating_point())
-        record(f"{dtype}: state after {steps} SGD steps, ours vs literal", diff)
+        exported = to_official_state_dict(models[f"ours {dtype}"])
+        reference = models[f"{b} {dtype}"].state_dict()
+        diff = max(rel(v, reference[k]) for k, v in exported.items() if v.is_floating_point())
+        record(f"{dtype}: state after {steps} SGD steps, ours vs {b}", diff)
+    x_eval = batch(crop, classes)[2][:1]
+    round_trip = _interop_round_trip(models[f"{b} float32"], crop, x_eval)
+    for what, value in round_trip.items():
+        record(f"float32: {b} checkpoint read by load_official_checkpoint, {what}", value)
     return {
+        "baseline": b,
         "max_rel": worst,
         "worst_parameter": {k: v[0] for k, v in worst_param.items()},
-        "literal_error_at_ours_worst": literal_at_ours_worst,
+        "baseline_error_at_ours_worst": baseline_at_ours_worst,
         "encoder": encoder,
         "crop": crop,
         "classes": classes,
@@ -521,16 +623,17 @@ def equivalence(encoder: str = "mit_b0", crop: int = 257, classes: int = 81, ste
 
 # -- where the time goes, and FLOPs at the paper's sizes ------------------------------------------------------------
 def _component_closures(
-    impl: str, model: AllSparkSegmentor, crop: int, classes: int, device: str = "cpu"
+    impl: str, model: AllSparkSegmentor, crop: int, classes: int, device: str = "cpu", official: str | None = None
 ) -> dict[str, Callable[[], Any]]:
     """One closure per part of a training iteration, each running forward and backward of that part alone with
     fixed random upstream gradients: teacher pass, encoder, AllSpark block, head, loss (upsampling + cross-entropy),
-    SGD step. ``device="meta"`` builds shape-only closures for FLOP counting."""
+    SGD step. ``impl``: ``ours``, ``official`` (the checkout ``official``) or ``literal`` (the restatement).
+    ``device="meta"`` builds shape-only closures for FLOP counting."""
     x_l, y_l, x_u = (t.to(device) for t in batch(crop, classes))
     x = torch.cat([x_l, x_u])
     net: nn.Module
-    if impl == "literal":
-        net = literal_twin(model, crop).to(device)
+    if impl != "ours":
+        net = baseline_twin(model, crop, official if impl == "official" else None).to(device)
         encoder, block, head = net.backbone, net.decoder.allspark, net.decoder.decoder
         if device == "meta":  # the per-class loop reads values on the host; it has no FLOPs
             block.attn._dequeue_and_enqueue = lambda *args: None
@@ -543,7 +646,7 @@ def _component_closures(
         teacher = net(x_u)
         net.train()
         feats = [f.detach().requires_grad_() for f in encoder(x)]
-        if impl == "literal":
+        if impl != "ours":
             net.decoder.set_pseudo_prob_map(teacher)
             net.decoder.set_SMem_status(epoch=net.decoder.warmup_epoch)
             e4 = block(feats[3], None, teacher, True)
@@ -565,7 +668,7 @@ def _component_closures(
         torch.autograd.backward(encoder(x), grads)
 
     def block_part() -> None:
-        if impl == "literal":
+        if impl != "ours":
             out = block(feats[3], None, teacher, True)
         else:
             out = torch.cat(block(feats[3][:2], feats[3][2:], guide_logits=teacher, use_memory=True))
@@ -594,10 +697,19 @@ def _component_closures(
     }
 
 
-def components(impl: str, encoder: str, crop: int, classes: int, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
-    """Median time and FLOPs of each part of a training iteration (``impl`` = ``ours`` or ``literal``)."""
+def components(
+    impl: str,
+    encoder: str,
+    crop: int,
+    classes: int,
+    warmup: int = 1,
+    repeats: int = 3,
+    official: str | None = None,
+) -> dict[str, Any]:
+    """Median time and FLOPs of each part of a training iteration (``impl`` = ``ours``, ``official`` with the
+    checkout ``official``, or ``literal``: the restatement)."""
     model = build_ours(encoder, classes, crop)
-    parts = _component_closures(impl, model, crop, classes)
+    parts = _component_closures(impl, model, crop, classes, official=official)
     out: dict[str, Any] = {}
     for name, fn in parts.items():
         times = timed(fn, warmup, repeats)
@@ -607,14 +719,15 @@ def components(impl: str, encoder: str, crop: int, classes: int, warmup: int = 1
     return {"parts": out, "params": params, "impl": impl, "encoder": encoder, "crop": crop, "classes": classes}
 
 
-def flops_at(encoder: str, crop: int, classes: int) -> dict[str, Any]:
-    """FLOPs of each part of a training iteration for both implementations, counted on the meta device (shapes
-    only: no memory, no compute), for sizes this machine cannot run, such as MiT-B5 at 801."""
+def flops_at(encoder: str, crop: int, classes: int, official: str | None = None) -> dict[str, Any]:
+    """FLOPs of each part of a training iteration for both implementations (the baseline: the official code from
+    the folder ``official``, else the restatement), counted on the meta device (shapes only: no memory, no
+    compute), for sizes this machine cannot run, such as MiT-B5 at 801."""
     result = {}
     model = build_ours(encoder, classes, crop)
     params = sum(p.numel() for p in model.parameters())
-    for impl in ("literal", "ours"):  # the literal twin is built from the real weights before ours moves to meta
-        parts = _component_closures(impl, model, crop, classes, device="meta")
+    for impl in (baseline_name(official), "ours"):  # the baseline is built from the real weights before ours moves
+        parts = _component_closures(impl, model, crop, classes, device="meta", official=official)
         result[impl] = {name: count_flops(fn) for name, fn in parts.items()}
         del parts
         gc.collect()

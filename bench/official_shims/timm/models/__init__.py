@@ -1,0 +1,1 @@
+"""``timm.models``: only the ``layers`` subpackage."""
