@@ -25,8 +25,9 @@ time from ``/proc/stat`` less the measurement's own CPU time), and a run whose 1
 Oversubscribed OpenMP threads spin-wait, which can make a CPU run 10x slower. ``--wait-idle S`` waits up to S
 seconds before each measurement for idle CPUs; ``--max-others F`` repeats a measurement (up to ``--retries``
 times) while other processes used more than the share F of the CPUs during it, keeping the least disturbed run.
-With ``--official`` the default run takes about 15 minutes on an idle 2-core CPU, ``--full`` about 27; without it
-about 8; ``--quick`` (a tiny subset, ~1 minute) is a smoke test.
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead of spinning) keeps the ratios usable on a machine that is never
+idle. With ``--official`` the default run takes about 15 minutes on an idle 2-core CPU, ``--full`` about 27;
+without it less (no official iterations); ``--quick`` (a tiny subset, ~1 minute) is a smoke test.
 """
 
 from __future__ import annotations
