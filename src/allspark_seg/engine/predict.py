@@ -12,6 +12,9 @@ checkpoint of another model fails with one sentence instead of silently loading 
 
 Images whose long side exceeds a threshold (default: twice the training crop) are predicted with a sliding window
 of the training crop, so memory stays bounded and the model sees objects at the scale it was trained on.
+
+:func:`predict_paths` runs every file through :class:`allspark_seg.predictor.Predictor` (``allspark_seg.load``), so
+a mask predicted from Python is the mask ``allspark-seg predict`` writes.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "load_trained_model",
     "predict_image",
     "predict_paths",
+    "predict_probabilities",
 ]
 
 log = logging.getLogger(__name__)
@@ -325,10 +329,10 @@ def _sliding(settings: PredictSettings, cfg: RunConfig, h: int, w: int) -> bool:
 
 
 @torch.inference_mode()
-def predict_image(
+def predict_probabilities(
     trained: TrainedModel, image: np.ndarray, settings: PredictSettings = PredictSettings()
-) -> np.ndarray:
-    """Class ids of one RGB image.
+) -> torch.Tensor:
+    """Class probabilities of one RGB image, averaged over the test-time augmentation passes.
 
     Args:
         trained: From :func:`load_trained_model`.
@@ -336,7 +340,7 @@ def predict_image(
         settings: Mode, sliding window and test-time augmentation.
 
     Returns:
-        ``(H, W)`` uint8 class ids.
+        ``(K, H, W)`` float32 probabilities on the model's device.
     """
     settings.check()
     cfg = trained.cfg
@@ -358,7 +362,24 @@ def predict_image(
         settings.scales,
         cfg.eval.shift_edges,
     )
-    return probs.argmax(dim=1)[0, :h, :w].to(torch.uint8).cpu().numpy()
+    return probs[0, :, :h, :w]
+
+
+@torch.inference_mode()
+def predict_image(
+    trained: TrainedModel, image: np.ndarray, settings: PredictSettings = PredictSettings()
+) -> np.ndarray:
+    """Class ids of one RGB image (the arg max of :func:`predict_probabilities`).
+
+    Args:
+        trained: From :func:`load_trained_model`.
+        image: ``(H, W, 3)`` uint8 RGB.
+        settings: Mode, sliding window and test-time augmentation.
+
+    Returns:
+        ``(H, W)`` uint8 class ids (K is at most 255).
+    """
+    return predict_probabilities(trained, image, settings).argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
 def predict_paths(
@@ -384,7 +405,9 @@ def predict_paths(
     Raises:
         DataError: A missing or unreadable input.
     """
-    settings.check()
+    from ..predictor import Predictor  # late: the predictor module imports this one
+
+    predictor = Predictor(trained, settings)
     paths = collect_inputs(inputs)
     out = Path(out_dir)
     folders = {name: out / name for name in ("masks", "color", "overlay")}
@@ -396,8 +419,8 @@ def predict_paths(
     every = max(1, len(paths) // 10)
     for i, (path, name) in enumerate(zip(paths, _output_names(paths), strict=True), start=1):
         image = D.load_image(path)
-        mask = predict_image(trained, image, settings)
-        color = D.colorize(mask, trained.palette)
+        mask = predictor(image)
+        color = predictor.colorize(mask)
         Image.fromarray(mask).save(folders["masks"] / f"{name}.png")
         Image.fromarray(color).save(folders["color"] / f"{name}.png")
         Image.fromarray(blend(image, color, settings.alpha)).save(folders["overlay"] / f"{name}.jpg", quality=90)
