@@ -23,15 +23,14 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
             overrides = [*task.overrides, f"data.synthetic.num_labeled={budget}", "model.pretrained="]
             runs = E.plan_runs(LE.CONFIG, tmp_path, settings, list(LE.SEEDS), overrides)  # validates every config
             seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
-            for key in ("labels-only", "all-labels", "allspark", "allspark+"):
+            for key in ("labels-only", "all-labels", "allspark", "allspark+", "fixmatch+class_thresh"):
                 assert seeds[key] == [0, 1, 2]
             assert seeds["fixmatch"] == [0]
             full = next(r for r in runs if r.setting.name == "all-labels")
             assert f"data.synthetic.num_labeled={budget + LE.UNLABELED}" in full.overrides
             total += len(runs)
-    first = LE.TASKS[0]
-    assert any("mit-scratch" in v for v in LE.variants(first, first.budgets[0]))
-    assert not any("mit-scratch" in v for v in LE.variants(first, first.budgets[1]))
+    with_scratch = [(t.name, b) for t in LE.TASKS for b in t.budgets if any("scratch" in v for v in LE.variants(t, b))]
+    assert with_scratch == [LE.SCRATCH_STUDY]
     assert total > 40
 
 
@@ -52,3 +51,12 @@ def test_table_lists_every_row_with_gap_and_separation() -> None:
     row |= {"minutes": 3.0}
     text = LE.table([row])
     assert "| digits | 4 | allspark | 3 | 58.00 ± 2.00 | 57.00 ± 1.50 | 40% | +5.1 | 91.2 | 3.0 |" in text
+
+
+def test_studies_run_in_the_order_given_and_unknown_names_are_refused() -> None:
+    every = LE.studies(None)
+    assert [(t.name, b) for t, b in every] == [(t.name, b) for t in LE.TASKS for b in t.budgets]
+    picked = LE.studies("shapes-24, digits-4")
+    assert [(t.name, b) for t, b in picked] == [("shapes", 24), ("digits", 4)]
+    with pytest.raises(SystemExit, match="unknown study 'shapes-7'"):
+        LE.studies("shapes-24,shapes-7")
