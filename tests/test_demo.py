@@ -1,4 +1,5 @@
-"""The demo on a tiny budget: both recipes trained, table, pictures and index.html; and without matplotlib."""
+"""The demo on a tiny budget: every recipe trained, table with the gap closed, pictures and index.html; and without
+matplotlib."""
 
 from __future__ import annotations
 
@@ -14,15 +15,23 @@ import yaml
 from PIL import Image
 
 from allspark_seg import cli, viz
-from allspark_seg.demo import DEMO_CONFIG, QUICK_OVERRIDES, demo_config, run_demo, torch_threads
+from allspark_seg.demo import (
+    DEMO_CONFIG,
+    DEMO_RECIPES,
+    QUICK_OVERRIDES,
+    RecipeResult,
+    demo_config,
+    gap_closed,
+    run_demo,
+    torch_threads,
+    verdict,
+)
 from allspark_seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
+NAMES = ["labels-only", "allspark+", "fixmatch+class_thresh", "all-labels"]
 TINY = [
-    "model.embed_dims=[8, 16, 32, 64]",
-    "model.depths=[1, 1, 1, 1]",
-    "model.num_heads=[1, 1, 2, 2]",
     "model.head_dim=32",
     "data.crop_size=64",
     "data.synthetic.num_labeled=4",
@@ -42,40 +51,76 @@ def test_config_file_is_the_demo_config() -> None:
     assert yaml.safe_load((REPO / "configs" / "synthetic_demo.yaml").read_text()) == DEMO_CONFIG
 
 
-def test_recipes_share_everything_but_the_method() -> None:
+def test_recipes_share_everything_but_the_method_and_the_labels() -> None:
+    assert [r.name for r in DEMO_RECIPES] == NAMES
     for quick in (False, True):
-        sup, semi = demo_config("supervised", quick=quick), demo_config("allspark", quick=quick)
-        assert sup.data == semi.data and sup.train == semi.train and sup.eval == semi.eval
-        assert sup.model.embed_dims == semi.model.embed_dims
-        assert (sup.model.allspark.enabled, semi.model.allspark.enabled) == (False, True)
+        cfgs = {r.name: demo_config(r, quick=quick) for r in DEMO_RECIPES}
+        few, full = cfgs["labels-only"], cfgs["all-labels"]
+        for cfg in cfgs.values():
+            assert cfg.train == few.train and cfg.eval == few.eval
+            assert cfg.model.encoder == "mobilenet_v2" and cfg.model.pretrained == few.model.pretrained
+        s = few.data.synthetic
+        assert full.data.synthetic.num_labeled == s.num_labeled + s.num_unlabeled
+        assert {n: c.data.synthetic.num_labeled for n, c in cfgs.items() if n != "all-labels"} == dict.fromkeys(
+            NAMES[:3], s.num_labeled
+        )
+        assert [c.method for c in cfgs.values()] == ["supervised", "allspark+", "fixmatch", "supervised"]
+        assert cfgs["fixmatch+class_thresh"].semi.class_thresh and cfgs["allspark+"].model.allspark.enabled
     quick = demo_config("allspark", quick=True)
     assert quick.train.iterations < demo_config("allspark").train.iterations
     assert len(QUICK_OVERRIDES) == len(set(QUICK_OVERRIDES))
 
 
+def _result(name: str, miou: float) -> RecipeResult:
+    return RecipeResult(name, miou, miou, 10, [miou], 1.0, [], Path(name))
+
+
+def test_gap_closed_and_verdict() -> None:
+    runs = {n: _result(n, m) for n, m in zip(NAMES, [0.50, 0.56, 0.60, 0.70], strict=True)}
+    assert gap_closed(runs, "allspark+") == pytest.approx(0.3)
+    assert gap_closed(runs, "fixmatch+class_thresh") == pytest.approx(0.5)
+    assert gap_closed(runs, "labels-only") is None and gap_closed(runs, "all-labels") is None
+    text = verdict(runs)
+    assert text.startswith("labels-only ends at 50.0 mIoU; allspark+ ends at 56.0 mIoU, 6.0 points above labels-only")
+    assert "50% of the gap to all-labels" in text
+    runs["all-labels"] = _result("all-labels", 0.40)  # no gap to close: no share of it
+    assert gap_closed(runs, "allspark+") is None and "gap" not in verdict(runs)
+
+
 @pytest.mark.slow
 def test_tiny_demo_writes_table_pictures_and_page(tmp_path: Path) -> None:
-    result = run_demo(tmp_path / "demo", overrides=TINY)
-    assert list(result.runs) == ["supervised", "allspark"]
+    result = run_demo(tmp_path / "demo", overrides=TINY, jobs=1)
+    assert list(result.runs) == NAMES
     assert result.class_names == ("background", "disc", "square", "triangle")
     for run in result.runs.values():
         assert 0.0 <= run.miou <= 1.0 and len(run.iou) == 4
         assert [r["step"] for r in run.history if r["type"] == "eval"] == [2, 4]
-    assert result.runs["allspark"].history[0].get("loss_u") is not None
+    assert result.runs["allspark+"].history[0].get("loss_u") is not None
+    assert result.runs["labels-only"].history[0].get("loss_u") is None
     lines = result.table.splitlines()
-    assert lines[0].split() == ["supervised", "allspark"]
+    assert lines[0].split() == NAMES
     assert sum(line.strip().startswith("IoU ") for line in lines) == 4
-    assert f"{100 * result.runs['allspark'].miou:.1f}" in lines[2]
+    assert f"{100 * result.runs['allspark+'].miou:.1f}" in lines[2]
+    assert any(line.startswith("gap closed") for line in lines) == (
+        result.runs["all-labels"].miou > result.runs["labels-only"].miou
+    )
     grid = Image.open(result.files["predictions"])
-    assert grid.width > grid.height  # 4 columns (image, truth, two predictions) by 3 validation images
+    assert grid.width > grid.height  # 6 columns (image, truth, four predictions) by 3 validation images
     for name in ("curves", "per_class_iou"):
         assert Image.open(result.files[name]).size[0] > 300
     page = result.files["index"].read_text()
     for image in ("predictions.png", "curves.png", "per_class_iou.png"):
         assert f'src="{image}"' in page
-    assert "mIoU (final)" in page and "supervised" in page
+    assert "mIoU (final)" in page and "labels-only" in page
     summary = json.loads(result.files["summary"].read_text())
-    assert summary["runs"]["allspark"]["miou"] == result.runs["allspark"].miou
+    assert summary["runs"]["allspark+"]["miou"] == result.runs["allspark+"].miou
+    assert summary["runs"]["allspark+"]["gap_closed"] == gap_closed(result.runs, "allspark+")
+    sizes = {n: summary["runs"][n]["config"]["data"]["synthetic"]["num_labeled"] for n in NAMES}
+    assert sizes == {"labels-only": 4, "allspark+": 4, "fixmatch+class_thresh": 4, "all-labels": 12}
+    roots = {n: summary["runs"][n]["config"]["data"]["root"] for n in NAMES}
+    assert len(set(roots.values())) == 2 and len(list(Path(roots["all-labels"], "labeled", "images").iterdir())) == 12
+    val = [sorted(p.read_bytes() for p in Path(root, "val", "images").iterdir()) for root in set(roots.values())]
+    assert val[0] == val[1]  # the upper bound is validated on the same images
 
 
 @pytest.mark.slow
@@ -84,7 +129,7 @@ def test_demo_command_without_matplotlib_still_draws_predictions(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not viz.has_matplotlib()
-    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--set", *TINY])
+    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "2", "--set", *TINY])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "mIoU (final)" in out and "index.html" in out

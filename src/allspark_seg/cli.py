@@ -289,10 +289,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``demo``: supervised vs allspark on the synthetic data; table, pictures and index.html."""
+    """``demo``: labels only vs the semi-supervised recipes on the synthetic data; table, pictures and index.html."""
     from .demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, overrides=args.set, threads=args.threads or None)
+    result = run_demo(args.out, quick=args.quick, overrides=args.set, threads=args.threads or None, jobs=args.jobs)
     print(result.table)
     if result.verdict:
         print(result.verdict[:1].upper() + result.verdict[1:])
@@ -336,16 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="supervised vs allspark on built-in synthetic data, with pictures")
+    p = sub.add_parser("demo", help="labels only vs unlabeled images too, on built-in synthetic data, with pictures")
     p.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes on a 2-core CPU)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick)")
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="PyTorch CPU threads (default 1, fastest on a busy machine; 0: one per core)",
+        help="PyTorch CPU threads of each training (default 1, fastest on a busy machine; 0: one per core)",
     )
-    _add_set(p, "demo settings for both recipes, e.g. train.iterations=500")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at a time, each in its own process (default 2)")
+    _add_set(p, "demo settings for every recipe, e.g. train.iterations=500")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")

