@@ -340,7 +340,7 @@ def test_rare_image_modes_are_converted_or_reported(tmp_path: Path, monkeypatch:
     def refuse(image: Image.Image) -> np.ndarray:
         raise ValueError(f"conversion from {image.mode} to RGB not supported")
 
-    monkeypatch.setattr("allspark_seg.data.datasets._to_rgb", refuse)
+    monkeypatch.setattr("allspark_seg.data.files.to_rgb", refuse)
     with raises_naming(lab, "has mode LAB, which cannot be converted to RGB"):
         open_labeled(root, "unlabeled")
 

@@ -125,15 +125,18 @@ def test_tiny_demo_writes_table_pictures_and_page(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_command_without_matplotlib_still_draws_predictions(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not viz.has_matplotlib()
     code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "2", "--set", *TINY])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     assert code == 0, err
     assert "mIoU (final)" in out and "index.html" in out
     assert "matplotlib is not installed" in err
+    for name in NAMES:  # the training processes show their progress, each line with its recipe
+        assert f"[{name}] " in err and (tmp_path / "demo" / name / "train.log").is_file()
+    assert "train 4/4" in (tmp_path / "demo" / "allspark+" / "train.log").read_text()
     assert (tmp_path / "demo" / "predictions.png").is_file() and (tmp_path / "demo" / "demo.log").is_file()
     assert not (tmp_path / "demo" / "curves.png").exists()
     assert html.escape(viz.VIZ_HINT) in (tmp_path / "demo" / "index.html").read_text()

@@ -479,7 +479,7 @@ def test_hf_eps_follows_the_weights_not_the_config_field(tmp_path, measured, cap
     assert json.loads((tmp_path / "config.json").read_text())["layer_norm_eps"] == 1e-6  # unused by HF's layers
     assert all(m.eps == 1e-5 for m in hf.modules() if isinstance(m, nn.LayerNorm))
     encoder = tiny_mit(eps=1e-6)  # built from the variant table: official eps
-    with caplog.at_level(logging.INFO, logger="allspark_seg.interop"):
+    with caplog.at_level(logging.INFO, logger="allspark_seg.models.pretrained"):
         load_encoder_weights(encoder, tmp_path)
     assert "eps set from 1e-06 to 1e-05" in caplog.text
     norms = [encoder.norm1, encoder.norm4, encoder.block1[0].norm1, encoder.block4[0].norm2]

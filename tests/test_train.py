@@ -16,8 +16,8 @@ import torch
 
 from allspark_seg.config import config_from_dict
 from allspark_seg.dist import DistEnv
-from allspark_seg.engine import checkpoint as ckpt_module
 from allspark_seg.engine import recipes
+from allspark_seg.engine import state as ckpt_module
 from allspark_seg.engine.checkpoint import atomic_save, load_checkpoint
 from allspark_seg.engine.train import Trainer, TrainingDiverged, fit, training_plan
 from allspark_seg.errors import AllSparkError, CheckpointError

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import multiprocessing
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ class DemoResult:
 
 def _fresh_run_dir(run_dir: Path) -> None:
     """Remove what an earlier demo run left in ``run_dir`` (only the files training writes)."""
-    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "results.json"):
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "results.json", "train.log"):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -212,11 +213,47 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_recipe(name: str, cfg: RunConfig, run_dir: Path, threads: int | None = None) -> RecipeResult:
-    """Train one recipe from scratch in ``run_dir`` (with ``threads`` PyTorch threads; None: leave them)."""
+@contextlib.contextmanager
+def _run_logging(name: str, run_dir: Path, console: bool) -> Iterator[None]:
+    """Send the package's records to ``run_dir/train.log`` (and, in a worker process, to stderr with the recipe's
+    name in front, so that trainings running side by side show their progress) for the duration of the block."""
+    logger = logging.getLogger("allspark_seg")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[1].setFormatter(logging.Formatter(f"%(asctime)s [{name}] %(message)s", "%H:%M:%S"))
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _init_worker(level: int) -> None:
+    """A training process of the demo: the package's log level of the parent process."""
+    logging.getLogger("allspark_seg").setLevel(level)
+
+
+def train_recipe(
+    name: str, cfg: RunConfig, run_dir: Path, threads: int | None = None, *, console: bool = False
+) -> RecipeResult:
+    """Train one recipe from scratch in ``run_dir`` (with ``threads`` PyTorch threads; None: leave them).
+
+    Args:
+        name: The recipe's row name (in the log).
+        cfg: Its resolved config.
+        run_dir: Its run folder (``train.log``, ``metrics.jsonl``, ``last.pt``, ...).
+        threads: PyTorch CPU threads.
+        console: Also log to stderr, prefixed with ``name`` (in a worker process, which has no handler of its own).
+    """
     _fresh_run_dir(run_dir)
-    log.info("demo: training %s (%d iterations)", name, cfg.train.iterations or 0)
-    with torch_threads(threads):
+    with _run_logging(name, run_dir, console), torch_threads(threads):
+        log.info("demo: training %s (%d iterations)", name, cfg.train.iterations or 0)
         result = fit(cfg, run_dir)
     assert result.final is not None
     return RecipeResult(
@@ -365,8 +402,13 @@ def _train_all(configs: Mapping[str, RunConfig], out: Path, threads: int | None,
     if jobs == 1:
         return {name: train_recipe(name, cfg, out / name, threads) for name, cfg in configs.items()}
     context = multiprocessing.get_context("spawn")  # no fork of a process that has started torch threads
-    with futures.ProcessPoolExecutor(min(jobs, len(configs)), mp_context=context) as pool:
-        pending = {name: pool.submit(train_recipe, name, cfg, out / name, threads) for name, cfg in configs.items()}
+    level = logging.getLogger("allspark_seg").getEffectiveLevel()
+    workers = min(jobs, len(configs))
+    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(level,)) as pool:
+        pending = {
+            name: pool.submit(train_recipe, name, cfg, out / name, threads, console=True)
+            for name, cfg in configs.items()
+        }
         return {name: job.result() for name, job in pending.items()}
 
 

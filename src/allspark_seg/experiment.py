@@ -55,8 +55,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, viz
 from .config import RunConfig, load_config
+from .engine import train as training
+from .engine.data import ensure_synthetic
+from .engine.guard import TrainingCollapsed
+from .engine.train import TrainingDiverged
 from .errors import ConfigError
 
 __all__ = [
@@ -284,8 +288,6 @@ def train_command(config: str | Path | None, run: RunSpec) -> str:
 
 def _run_one(config: str | Path | None, run: RunSpec) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and write its ``run.json``."""
-    from .engine.train import TrainingCollapsed, TrainingDiverged, fit
-
     run.folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run.folder / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -300,7 +302,7 @@ def _run_one(config: str | Path | None, run: RunSpec) -> dict[str, Any]:
     }
     start = time.perf_counter()
     try:
-        result = fit(load_config(config, run.overrides), run.folder)
+        result = training.fit(load_config(config, run.overrides), run.folder)  # looked up per run: tests script it
         record.update(status="done", step=result.step, best_miou=result.best_miou, best_step=result.best_step)
         record["final_miou"] = None if result.final is None else result.final.miou
     except (TrainingCollapsed, TrainingDiverged) as error:
@@ -427,8 +429,6 @@ def run_pending(
             records[run.folder] = _run_one(config, run)
             gc.collect()
         return records
-    from .engine.data import ensure_synthetic
-
     for root, cfg in {cfg.data.root: cfg for cfg in (load_config(config, r.overrides) for r in runs)}.items():
         if cfg.data.format == "synthetic":
             ensure_synthetic(cfg, Path(root))
@@ -507,48 +507,36 @@ def _panel_and_line(setting: Setting, with_variants: bool) -> tuple[str, str]:
     return " ".join(grid[1:]) or "all runs", (grid[0] if grid else setting.name)
 
 
-def plot_curves(settings: Sequence[Setting], runs: Sequence[RunSpec], path: Path) -> Path | None:
-    """Validation mIoU (top) and training loss (bottom), mean ± std over seeds. With variants: one column of panels
-    per grid combination, one line per variant; without: one column per value of the grid axes after the first, one
-    line per value of the first. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no curves (pip install 'allspark-seg[viz]')")
-        return None
+def _curve_panels(settings: Sequence[Setting], runs: Sequence[RunSpec]) -> list[list[viz.Panel]]:
+    """Validation mIoU (top row) and training loss (bottom row), mean ± std over seeds. With variants: one column of
+    panels per grid combination, one line per variant; without: one column per value of the grid axes after the
+    first, one line per value of the first."""
     with_variants = any(k == "variant" for s in settings for k, _ in s.labels)
     panels: dict[str, list[tuple[Setting, str]]] = {}
     for s in settings:
         title, label = _panel_and_line(s, with_variants)
         panels.setdefault(title, []).append((s, label))
-    fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 9), squeeze=False)
     styles = ["-", "--", ":", "-."]
-    for col, (title, members) in enumerate(panels.items()):
+    miou_row, loss_row = [], []
+    for title, members in panels.items():
+        lines: tuple[list[viz.Curve], list[viz.Curve]] = ([], [])
         for i, (s, label) in enumerate(members):
             per_run = [_curves(r.folder) for r in runs if r.setting.name == s.name]
             for row, curves in enumerate(([m for m, _ in per_run if m], [lo for _, lo in per_run if lo])):
                 steps, mean, std = _mean_curve(curves)
-                if not steps:
-                    continue
-                ax = axes[row][col]
-                (line,) = ax.plot(steps, mean, styles[(i // 10) % len(styles)], label=label)
-                low = [m - d for m, d in zip(mean, std, strict=True)]
-                high = [m + d for m, d in zip(mean, std, strict=True)]
-                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
-        axes[0][col].set_title(title)
-        axes[0][col].set_ylabel("validation mIoU (%)")
-        axes[1][col].set_ylabel("training loss")
-        for row in (0, 1):
-            axes[row][col].set_xlabel("iteration")
-            axes[row][col].grid(alpha=0.3)
-        if axes[0][col].get_legend_handles_labels()[0]:
-            axes[0][col].legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                if steps:
+                    lines[row].append(viz.Curve(label, steps, mean, band=std, style=styles[(i // 10) % len(styles)]))
+        legend = {"fontsize": 7, "ncol": 2, "loc": "lower right"}
+        miou_row.append(viz.Panel(lines[0], title, "validation mIoU (%)", legend=legend))
+        loss_row.append(viz.Panel(lines[1], "", "training loss", legend=None))
+    return [miou_row, loss_row]
+
+
+def plot_study_curves(settings: Sequence[Setting], runs: Sequence[RunSpec], path: Path) -> Path | None:
+    """The study's curves (see :func:`_curve_panels`) as a PNG; None without matplotlib."""
+    if not viz.plot_panels(_curve_panels(settings, runs), path, panel_size=(6.5, 4.5), dpi=110):
+        log.info("matplotlib is not installed: no curves (%s)", viz.VIZ_HINT)
+        return None
     return path
 
 
@@ -573,7 +561,7 @@ def write_outputs(
                 [r["setting"], r["seed"], r["status"]]
                 + [r.get(k) for k in ("best_miou", "best_step", "final_miou", "step", "seconds")]
             )
-    curves = plot_curves(settings, runs, out / "curves.png")
+    curves = plot_study_curves(settings, runs, out / "curves.png")
     if curves is not None:
         files["curves"] = curves
     files["report"].write_text(_report(config, settings, runs, records, summary, command, curves))

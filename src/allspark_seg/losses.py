@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.errors import ConfigError
 
 __all__ = ["LOSSES", "CrossEntropy", "OhemCrossEntropy", "build_loss", "cross_entropy", "ohem_keep_mask"]
@@ -20,7 +21,7 @@ LOSSES = ("ce", "ohem")
 
 
 def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, keep: torch.Tensor | None = None
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy over the pixels whose target is not ``ignore_index``.
 
@@ -43,7 +44,11 @@ def cross_entropy(
 
 
 def ohem_keep_mask(
-    logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 200000, ignore_index: int = 255
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 200000,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Pixels selected by the official ``ProbOhemCrossEntropy2d`` (UniMatch/AllSpark ``util/ohem.py``).
 
@@ -95,7 +100,7 @@ class CrossEntropy(nn.Module):
         ignore_index: target value that is skipped.
     """
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.ignore_index = int(ignore_index)
 
@@ -119,7 +124,7 @@ class OhemCrossEntropy(nn.Module):
         ignore_index: target value that is skipped.
     """
 
-    def __init__(self, thresh: float = 0.7, min_kept: int = 200000, ignore_index: int = 255) -> None:
+    def __init__(self, thresh: float = 0.7, min_kept: int = 200000, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         _check_ohem(thresh, min_kept)
         self.thresh = float(thresh)
@@ -135,7 +140,7 @@ class OhemCrossEntropy(nn.Module):
         return f"thresh={self.thresh}, min_kept={self.min_kept}, ignore_index={self.ignore_index}"
 
 
-def build_loss(name: str, ignore_index: int = 255, thresh: float = 0.7, min_kept: int = 200000) -> nn.Module:
+def build_loss(name: str, ignore_index: int = IGNORE_INDEX, thresh: float = 0.7, min_kept: int = 200000) -> nn.Module:
     """Build a loss module by name.
 
     Args:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.errors import ConfigError, DataError
 
 __all__ = ["ConfusionMatrix", "SegMetrics", "metrics_from_confusion"]
@@ -217,7 +218,9 @@ class ConfusionMatrix:
         0.5
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
+    ) -> None:
         if int(num_classes) < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {num_classes}.")
         self.num_classes = int(num_classes)

@@ -27,8 +27,9 @@ from PIL import Image
 
 from . import data as D
 from .config import RunConfig
-from .data.datasets import _READ_ERRORS, _to_rgb
-from .engine.predict import (
+from .data.files import READ_ERRORS
+from .data.files import to_rgb as _pil_to_rgb
+from .engine.inference import (
     PredictSettings,
     TrainedModel,
     blend,
@@ -37,6 +38,7 @@ from .engine.predict import (
     predict_probabilities,
 )
 from .errors import ConfigError, DataError
+from .utils import to_pair
 
 __all__ = ["ImageInput", "Predictor", "load", "to_rgb"]
 
@@ -70,8 +72,8 @@ def to_rgb(image: ImageInput) -> np.ndarray:
     if isinstance(image, Image.Image):
         try:
             image.load()
-            return _to_rgb(image)
-        except _READ_ERRORS as error:
+            return _pil_to_rgb(image)
+        except READ_ERRORS as error:
             raise DataError(f"The PIL image (mode {image.mode}) cannot be converted to RGB: {error}.") from error
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
@@ -97,15 +99,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 def _size(value: Size | None, name: str) -> tuple[int, int] | None:
     """``None``, ``n`` or ``(h, w)`` -> ``None`` or ``(h, w)`` positive ints."""
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)):
-        pair: tuple[object, ...] = (value, value)
-    else:
-        pair = tuple(value) if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) else ()
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ConfigError(f"Option '{name}' must be a positive int or a (height, width) pair of them, got {value!r}.")
-    return int(pair[0]), int(pair[1])
+    return None if value is None else to_pair(value, f"Option '{name}'")
 
 
 def _flag(value: bool) -> bool:
@@ -137,7 +131,7 @@ class Predictor:
     """
 
     def __init__(self, trained: TrainedModel, settings: PredictSettings | None = None) -> None:
-        """Wrap a model rebuilt by :func:`~allspark_seg.engine.predict.load_trained_model`.
+        """Wrap a model rebuilt by :func:`~allspark_seg.engine.inference.load_trained_model`.
 
         Args:
             trained: The model, its config, class names and palette.

@@ -1,5 +1,8 @@
 """Pictures for people: prediction grids (PIL), training curves and per-class IoU charts (matplotlib), index.html.
 
+Every curve chart of the package (the demo's, the experiment's) is drawn by :func:`plot_panels` from
+:class:`Panel` and :class:`Curve` values.
+
 Prediction grids need only Pillow. The charts use matplotlib, the optional ``viz`` extra
 (``pip install 'allspark-seg[viz]'``); without it :func:`plot_curves` and :func:`plot_per_class_iou` return False and
 the page says how to get them. Matplotlib is used through its object-oriented API (``Figure`` + Agg canvas), so no
@@ -12,7 +15,7 @@ import html
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "VIZ_HINT",
+    "Curve",
     "HtmlSection",
+    "Panel",
     "has_matplotlib",
     "plot_curves",
+    "plot_panels",
     "plot_per_class_iou",
     "prediction_grid",
     "write_index_html",
@@ -154,6 +160,74 @@ def _series(history: Sequence[Mapping[str, Any]], kind: str, key: str) -> tuple[
     return steps, values
 
 
+@dataclass(frozen=True)
+class Curve:
+    """One line of a chart: ``values`` over ``steps``, with an optional shaded ``± band`` (e.g. a std over seeds).
+
+    ``style`` is a matplotlib format (``"-"``, ``"--"``, ``"o-"``); ``color`` None takes the next colour of the
+    axes' cycle.
+    """
+
+    label: str
+    steps: Sequence[int]
+    values: Sequence[float]
+    band: Sequence[float] | None = None
+    style: str = "-"
+    color: str | None = None
+    markersize: float | None = None
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes of a chart: its curves, labels, y range and legend (``legend`` None: no legend)."""
+
+    curves: Sequence[Curve]
+    title: str = ""
+    ylabel: str = ""
+    xlabel: str = "iteration"
+    ylim: tuple[float | None, float | None] | None = None
+    legend: Mapping[str, Any] | None = field(default_factory=lambda: {"fontsize": 8})
+
+
+def plot_panels(
+    grid: Sequence[Sequence[Panel]], path: str | Path, *, panel_size: tuple[float, float], dpi: int = 100
+) -> bool:
+    """Draw a rows x columns grid of :class:`Panel` into a PNG.
+
+    Args:
+        grid: rows of panels (every row as long as the first).
+        path: PNG file to write.
+        panel_size: ``(width, height)`` of one panel in inches.
+        dpi: pixels per inch.
+
+    Returns:
+        False (nothing written) when matplotlib is missing.
+    """
+    if not has_matplotlib():
+        return False
+    rows, cols = len(grid), len(grid[0])
+    fig = _figure(panel_size[0] * cols, panel_size[1] * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, row in enumerate(grid):
+        for c, panel in enumerate(row):
+            ax = axes[r][c]
+            for curve in panel.curves:
+                extra = {} if curve.markersize is None else {"markersize": curve.markersize}
+                (line,) = ax.plot(curve.steps, curve.values, curve.style, color=curve.color, label=curve.label, **extra)
+                if curve.band is not None:
+                    low = [v - d for v, d in zip(curve.values, curve.band, strict=True)]
+                    high = [v + d for v, d in zip(curve.values, curve.band, strict=True)]
+                    ax.fill_between(curve.steps, low, high, color=line.get_color(), alpha=0.12)
+            ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+            if panel.ylim is not None:
+                ax.set_ylim(*panel.ylim)
+            ax.grid(alpha=0.3)
+            if panel.legend is not None and ax.get_legend_handles_labels()[0]:
+                ax.legend(**panel.legend)
+    fig.savefig(str(path), dpi=dpi)
+    return True
+
+
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> bool:
     """Training losses and validation mIoU over iterations, one colour per run.
 
@@ -165,26 +239,19 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
     Returns:
         False (nothing written) when matplotlib is missing.
     """
-    if not has_matplotlib():
-        return False
-    fig = _figure(11, 4)
-    ax_loss, ax_miou = fig.subplots(1, 2)
+    losses, mious = [], []
     for i, (name, history) in enumerate(histories.items()):
         color = COLORS[i % len(COLORS)]
         for key, style, label in (("loss_x", "-", "labeled loss"), ("loss_u", "--", "unlabeled loss")):
             steps, values = _series(history, "train", key)
             if steps:
-                ax_loss.plot(steps, values, style, color=color, label=f"{name}: {label}")
+                losses.append(Curve(f"{name}: {label}", steps, values, style=style, color=color))
         steps, values = _series(history, "eval", "miou")
         if steps:
-            ax_miou.plot(steps, [100 * v for v in values], "o-", color=color, label=name, markersize=4)
-    ax_loss.set(title="Training losses", xlabel="iteration", ylabel="cross-entropy", ylim=(0, None))
-    ax_miou.set(title="Validation mIoU", xlabel="iteration", ylabel="mIoU (%)")
-    for ax in (ax_loss, ax_miou):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(str(path))
-    return True
+            mious.append(Curve(name, steps, [100 * v for v in values], style="o-", color=color, markersize=4))
+    loss_panel = Panel(losses, "Training losses", "cross-entropy", ylim=(0, None))
+    miou_panel = Panel(mious, "Validation mIoU", "mIoU (%)")
+    return plot_panels([[loss_panel, miou_panel]], path, panel_size=(5.5, 4))
 
 
 def plot_per_class_iou(

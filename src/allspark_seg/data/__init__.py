@@ -1,4 +1,9 @@
-"""Data: dataset readers, split files, transforms, the synthetic dataset and loaders.
+"""Data: dataset formats and readers, split files, transforms, the synthetic datasets and loaders.
+
+Modules: ``formats`` (the registry of dataset formats), ``layouts`` (where each format keeps its files),
+``files`` (reading images and masks), ``scan`` (the opening scan), ``datasets`` (``open_split`` and the torch
+datasets), ``splits`` (split files), ``transforms``, ``loaders``, ``palette``, ``synthetic`` and ``realtasks``
+(generated datasets, written by ``generated``), ``coco`` (painting COCO masks).
 
 Typical use by the engine::
 
@@ -17,23 +22,16 @@ Typical use by the engine::
 
 from __future__ import annotations
 
-from allspark_seg.data.datasets import (
-    CITYSCAPES_ID_TO_TRAINID,
+from allspark_seg.data.datasets import ROLES, TrainDataset, ValDataset, list_train_items, open_split
+from allspark_seg.data.files import CITYSCAPES_ID_TO_TRAINID, load_image, load_mask
+from allspark_seg.data.formats import (
     FORMATS,
-    ROLES,
     DatasetInfo,
     FormatSpec,
-    TrainDataset,
-    ValDataset,
     describe_dataset,
     get_format,
-    list_train_items,
-    load_image,
-    load_mask,
-    open_split,
     read_class_names,
     resolve_num_classes,
-    scan_items,
 )
 from allspark_seg.data.loaders import (
     GlobalBatchSampler,
@@ -47,6 +45,7 @@ from allspark_seg.data.loaders import (
     worker_init_fn,
 )
 from allspark_seg.data.palette import colorize, palette_for, palette_image
+from allspark_seg.data.scan import scan_items
 from allspark_seg.data.splits import IMAGE_EXTENSIONS, Item, make_split, read_split_file, write_split_file
 from allspark_seg.data.synthetic import generate_synthetic, render_sample
 from allspark_seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PIPELINES, apply_pipeline, normalize

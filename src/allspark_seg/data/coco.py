@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.errors import DataError, MissingExtraError
 
 __all__ = ["CocoLike", "category_map", "coco_to_masks", "load_coco", "paint_mask"]
@@ -91,7 +92,7 @@ def paint_mask(
                 f"COCO annotation {ann.get('id')} has a {region.shape[1]}x{region.shape[0]} mask for a "
                 f"{width}x{height} image."
             )
-        mask[region] = 255 if ann.get("iscrowd", 0) else classes[int(ann["category_id"])]
+        mask[region] = IGNORE_INDEX if ann.get("iscrowd", 0) else classes[int(ann["category_id"])]
     return mask
 
 

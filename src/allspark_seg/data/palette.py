@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.errors import ConfigError
 
 __all__ = [
@@ -119,6 +120,6 @@ def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
     flat = np.zeros((256, 3), dtype=np.uint8)
     k = min(len(palette), 255)
     flat[:k] = np.asarray(palette, dtype=np.uint8)[:k]
-    flat[255] = 255
+    flat[IGNORE_INDEX] = 255
     image.putpalette(flat.ravel().tolist())
     return image

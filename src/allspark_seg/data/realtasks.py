@@ -15,7 +15,8 @@ install`` does it) and read as files: the packages are never imported.
     degrees, flipped and downsampled by 2. K = 2: background / cell; K = 3: background / cell / nucleus. Training
     images are crops of frames 0-7, validation images crops of the held-out frames 8-9.
 
-Both are written exactly like the shapes (see :mod:`allspark_seg.data.synthetic`): the folder layout, the ground
+Both are written exactly like the shapes (by :mod:`allspark_seg.data.generated`; ``generate_synthetic(kind=...)``
+of :mod:`allspark_seg.data.synthetic` is the entry point): the folder layout, the ground
 truth of the unlabeled images in ``unlabeled_masks/``, ``classes.txt`` and a ``manifest.json`` (which records a
 checksum of every source file), an existing dataset with the same manifest is reused, and sample ``i`` of each
 subset depends only on ``(seed, subset, i)``.
@@ -30,12 +31,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from allspark_seg.data.synthetic import SYNTHETIC_VERSION, _is_current, write_dataset
+from allspark_seg.data.generated import is_current, make_manifest, subset_rng, write_dataset
 from allspark_seg.errors import ConfigError, DataError
 
 __all__ = [
@@ -62,8 +62,6 @@ TASKS: dict[str, dict[str, int]] = {
     "digits": {"min_classes": 2, "max_classes": 11, "max_objects": 3},
     "cells": {"min_classes": 2, "max_classes": 3, "max_objects": 0},
 }
-
-_SUBSETS = {"labeled": 0, "unlabeled": 1, "val": 2}
 
 log = logging.getLogger(__name__)
 
@@ -432,29 +430,27 @@ def generate_real_task(
     if task == "digits" and max_objects < 1:
         raise ConfigError(f"The 'digits' task needs max_objects >= 1, got {max_objects}.")
     files = source_files(task)
-    manifest: dict[str, Any] = {
-        "format": "allspark-seg synthetic",
-        "version": SYNTHETIC_VERSION,
-        "task": task,
-        "task_version": REALTASKS_VERSION,
-        "seed": seed,
-        "num_labeled": num_labeled,
-        "num_unlabeled": num_unlabeled,
-        "num_val": num_val,
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "unlabeled_masks": unlabeled_masks,
+    manifest = make_manifest(
+        task=task,
+        task_version=REALTASKS_VERSION,
+        seed=seed,
+        num_labeled=num_labeled,
+        num_unlabeled=num_unlabeled,
+        num_val=num_val,
+        image_size=image_size,
+        num_classes=num_classes,
+        unlabeled_masks=unlabeled_masks,
         **({"max_objects": max_objects} if task == "digits" else {}),
-        "sources": {name: _checksum(path) for name, path in files.items()},
-    }
+        sources={name: _checksum(path) for name, path in files.items()},
+    )
     root = Path(root)
-    if _is_current(root, manifest):  # without decoding the sources
+    if is_current(root, manifest):  # without decoding the sources
         log.info("reusing the '%s' dataset in %s", task, root)
         return root
     sources = load_digit_sources(files) if task == "digits" else load_cell_sources(files)
 
     def render(subset: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([seed, _SUBSETS[subset], i])
+        rng = subset_rng(seed, subset, i)
         if isinstance(sources, DigitSources):
             return render_digits(rng, sources, image_size, num_classes, max_objects, val=subset == "val")
         return render_cells(rng, sources, image_size, num_classes, val=subset == "val")

@@ -6,41 +6,32 @@ distribution whatever its class, so colour carries no information. Objects have 
 and may occlude each other; backgrounds are noise, stripes, gradients or checkerboards. Masks are exact (the image is
 painted with the same pixel sets as the mask), and class 0 is the background.
 
-The dataset is written in the folder layout (see :mod:`allspark_seg.data.datasets`), plus the ground truth of the
+The dataset is written by :mod:`allspark_seg.data.generated` in the folder layout, plus the ground truth of the
 unlabeled images in ``ROOT/unlabeled_masks/`` (for diagnostics such as pseudo-label accuracy only) and a
 ``manifest.json``; an existing dataset with the same manifest is reused. Sample ``i`` of each subset depends only on
-``(seed, subset, i)``, so changing one size does not change the other images.
+``(seed, subset, i)``, so changing one size does not change the other images. :func:`generate_synthetic` is the one
+entry point for every ``kind``: the tasks built from real images are in :mod:`allspark_seg.data.realtasks`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from allspark_seg.errors import ConfigError, DataError
+from allspark_seg.data.generated import SYNTHETIC_VERSION, make_manifest, subset_rng, write_dataset
+from allspark_seg.data.realtasks import TASKS, generate_real_task
+from allspark_seg.errors import ConfigError
+from allspark_seg.utils import to_pair
 
-__all__ = ["SHAPES", "SYNTHETIC_VERSION", "class_names", "generate_synthetic", "render_sample"]
-
-log = logging.getLogger(__name__)
-
-#: Bumped whenever the rendering changes, so that stale datasets are regenerated.
-SYNTHETIC_VERSION = 1
+__all__ = ["SHAPES", "SYNTHETIC_KINDS", "SYNTHETIC_VERSION", "class_names", "generate_synthetic", "render_sample"]
 
 #: Foreground shapes; class k (k >= 1) is ``SHAPES[k - 1]``.
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", "star", "hexagon", "ellipse", "crescent")
 
-_SUBSETS = {"labeled": 0, "unlabeled": 1, "val": 2}
+#: The values of ``data.synthetic.kind``: the shapes of this module, then the tasks built from real images.
+SYNTHETIC_KINDS: tuple[str, ...] = ("shapes", *TASKS)
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:
@@ -160,7 +151,7 @@ def render_sample(
         ``(H, W, 3)`` uint8 image and ``(H, W)`` uint8 mask of class ids in [0, K).
     """
     _check_classes(num_classes)
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = to_pair(image_size)
     scale = float(min(h, w))
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     image = _fill(rng, ys, xs, ("gradient", "stripes", "checker", "noise"), scale)
@@ -189,115 +180,7 @@ def render_sample(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
-# -------------------------------------------------------------------------------------------------- disk
-
-
-def _manifest(**fields: Any) -> dict[str, Any]:
-    return {"format": "allspark-seg synthetic", "version": SYNTHETIC_VERSION, **fields}
-
-
-def _count(folder: Path) -> int:
-    return len(os.listdir(folder)) if folder.is_dir() else -1
-
-
-def _is_current(root: Path, manifest: dict[str, Any]) -> bool:
-    try:
-        existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if existing != manifest:
-        return False
-    expected = {
-        root / "labeled" / "images": manifest["num_labeled"],
-        root / "labeled" / "masks": manifest["num_labeled"],
-        root / "unlabeled": manifest["num_unlabeled"],
-        root / "val" / "images": manifest["num_val"],
-        root / "val" / "masks": manifest["num_val"],
-    }
-    if manifest["unlabeled_masks"]:
-        expected[root / "unlabeled_masks"] = manifest["num_unlabeled"]
-    return all(_count(folder) == n for folder, n in expected.items())
-
-
-#: Renders sample ``i`` of a subset (``labeled``, ``unlabeled`` or ``val``): ``(H, W, 3)`` uint8 image, ``(H, W)`` mask.
-Renderer = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
-
-
-def _write_subset(subset: str, count: int, render: Renderer, image_dir: Path, mask_dir: Path | None) -> None:
-    image_dir.mkdir(parents=True, exist_ok=True)
-    if mask_dir is not None:
-        mask_dir.mkdir(parents=True, exist_ok=True)
-    prefix = {"labeled": "l", "unlabeled": "u", "val": "v"}[subset]
-
-    def write(i: int) -> None:
-        image, mask = render(subset, i)
-        name = f"{prefix}{i:05d}.png"
-        Image.fromarray(image).save(image_dir / name, compress_level=1)
-        if mask_dir is not None:
-            Image.fromarray(mask).save(mask_dir / name, compress_level=1)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        list(pool.map(write, range(count)))
-
-
-def write_dataset(root: Path, manifest: dict[str, Any], render: Renderer, names: Sequence[str], what: str) -> Path:
-    """Write (or reuse) a generated dataset in the folder layout, atomically.
-
-    Args:
-        root: target folder; must be empty, absent, or a dataset written earlier by this module.
-        manifest: the full description (with ``num_labeled``, ``num_unlabeled``, ``num_val`` and
-            ``unlabeled_masks``); an existing dataset with an equal manifest is reused.
-        render: draws sample ``i`` of a subset; it must depend only on its arguments.
-        names: class names written to ``classes.txt``.
-        what: the dataset's name in log messages.
-
-    Returns:
-        The dataset root.
-
-    Raises:
-        DataError: ``root`` holds other files.
-    """
-    if _is_current(root, manifest):
-        log.info("reusing the %s dataset in %s", what, root)
-        return root
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "manifest.json").is_file())):
-        raise DataError(f"{root} exists and is not a synthetic dataset; choose an empty or new folder.")
-    start = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_subset("labeled", manifest["num_labeled"], render, tmp / "labeled" / "images", tmp / "labeled" / "masks")
-        _write_subset(
-            "unlabeled",
-            manifest["num_unlabeled"],
-            render,
-            tmp / "unlabeled",
-            tmp / "unlabeled_masks" if manifest["unlabeled_masks"] else None,
-        )
-        _write_subset("val", manifest["num_val"], render, tmp / "val" / "images", tmp / "val" / "masks")
-        (tmp / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "data")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_current(root, manifest):  # another process wrote the same dataset first
-            return root
-        raise
-    log.info(
-        "wrote the %s dataset (%d labeled, %d unlabeled, %d val, %d classes) to %s in %.1f s",
-        what,
-        manifest["num_labeled"],
-        manifest["num_unlabeled"],
-        manifest["num_val"],
-        len(names),
-        root,
-        time.perf_counter() - start,
-    )
-    return root
+# ---------------------------------------------------------------------------------------------- dataset
 
 
 def generate_synthetic(
@@ -336,8 +219,6 @@ def generate_synthetic(
         ConfigError: bad sizes or kind.
     """
     if kind != "shapes":
-        from allspark_seg.data.realtasks import generate_real_task  # it builds on this module
-
         return generate_real_task(
             root,
             task=kind,
@@ -360,7 +241,7 @@ def generate_synthetic(
         )
     root = Path(root)
     sizes = {"num_labeled": num_labeled, "num_unlabeled": num_unlabeled, "num_val": num_val}
-    manifest = _manifest(
+    manifest = make_manifest(
         seed=seed,
         **sizes,
         image_size=image_size,
@@ -370,7 +251,6 @@ def generate_synthetic(
     )
 
     def render(subset: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([seed, _SUBSETS[subset], i])
-        return render_sample(rng, image_size, num_classes, max_objects)
+        return render_sample(subset_rng(seed, subset, i), image_size, num_classes, max_objects)
 
     return write_dataset(root, manifest, render, class_names(num_classes), "synthetic")

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+from allspark_seg.constants import IGNORE_INDEX
+from allspark_seg.utils import to_pair
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -71,12 +74,8 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.
     return np.random.default_rng([int(seed), int(epoch), int(index), int(stream)])
 
 
-def to_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    """Turn a crop size (an int or ``(h, w)``) into ``(h, w)``."""
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
+#: The crop-size name of :func:`allspark_seg.utils.to_pair` (an int or ``(h, w)`` -> ``(h, w)``).
+to_hw = to_pair
 
 
 def _resize_array(array: np.ndarray, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -404,7 +403,7 @@ def apply_pipeline(
     mask: np.ndarray | None,
     rng: np.random.Generator,
     crop_size: int | Sequence[int],
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, torch.Tensor]:
     """Augment one training sample and return the dict of tensors documented in docs/architecture.md.
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from ..models.memory import SemanticMemory
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "pseudo_label_stats",
     "stats_from_counts",
 ]
-
-IGNORE = 255
 
 
 def pseudo_label_counts(
@@ -49,7 +48,7 @@ def pseudo_label_counts(
         ``count (K,)`` kept pixels per class, ``conf_sum (K,)`` their summed confidence, ``kept`` and ``pixels``
         (scalars) and, with ``target``, ``correct`` and ``checked`` (kept pixels with a non-ignored ground truth).
     """
-    kept = pseudo != IGNORE
+    kept = pseudo != IGNORE_INDEX
     valid = kept & (pseudo >= 0) & (pseudo < num_classes)
     bins = pseudo.where(valid, num_classes).reshape(-1)  # class, or the spill bin K: fixed-size scatter
     count = torch.zeros(num_classes + 1, dtype=torch.long, device=pseudo.device)
@@ -63,7 +62,7 @@ def pseudo_label_counts(
         "pixels": kept.new_full((), pseudo.numel(), dtype=torch.float32),
     }
     if target is not None:
-        checked = kept & (target != IGNORE)
+        checked = kept & (target != IGNORE_INDEX)
         counts["correct"] = (checked & (pseudo == target)).sum().float()
         counts["checked"] = checked.sum().float()
     return counts

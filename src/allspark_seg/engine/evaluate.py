@@ -18,7 +18,6 @@ same for every class of a pixel, the argmax, hence every metric, is identical.
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.errors import ConfigError, DataError
 from allspark_seg.metrics import ConfusionMatrix, SegMetrics
+from allspark_seg.utils import to_pair
 
 __all__ = [
     "EVAL_MODES",
@@ -45,13 +46,6 @@ logger = logging.getLogger(__name__)
 EVAL_MODES = ("whole", "slide")
 
 Size2 = int | tuple[int, int]
-
-
-def _pair(value: Size2 | Sequence[int], name: str) -> tuple[int, int]:
-    pair = tuple(value) if isinstance(value, Sequence) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ConfigError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}.")
-    return int(pair[0]), int(pair[1])
 
 
 def _starts(size: int, window: int, stride: int, shift_edges: bool) -> list[tuple[int, int]]:
@@ -80,8 +74,8 @@ def sliding_windows(
     Returns:
         ``[(y0, y1, x0, x1), ...]`` half-open ranges covering every pixel at least once.
     """
-    wh, ww = _pair(window, "the sliding window size")
-    sh, sw = _pair(stride, "the sliding window stride")
+    wh, ww = to_pair(window, "the sliding window size")
+    sh, sw = to_pair(stride, "the sliding window stride")
     if sh > wh or sw > ww:
         raise ConfigError(f"the sliding window stride {(sh, sw)} must not exceed the window {(wh, ww)}.")
     if h <= 0 or w <= 0:
@@ -242,7 +236,7 @@ def evaluate(
     scales: Sequence[float] = (1.0,),
     shift_edges: bool = True,
     device: torch.device | str | None = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> EvalResult:
     """Evaluate a segmentor on a validation loader.
 

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MissingExtraError
-from .predict import TrainedModel
+from ..utils import to_pair
+from .inference import TrainedModel
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "InferenceGraph", "check_onnx", "check_sizes", "export_onnx"]
 
@@ -154,7 +155,7 @@ def export_onnx(
     """Export the inference graph to ONNX with dynamic batch, height and width, then check it in onnxruntime.
 
     Args:
-        trained: From :func:`~allspark_seg.engine.predict.load_trained_model`.
+        trained: From :func:`~allspark_seg.engine.inference.load_trained_model`.
         out: Output ``.onnx`` file (its folder is created).
         size: ``(h, w)`` of the example input used for tracing; None = the training crop.
         opset: ONNX opset version.
@@ -176,8 +177,7 @@ def export_onnx(
             "a graph with a dynamic batch cannot reproduce; ONNX export supports per-image inference only."
         )
     if size is None:
-        crop = cfg.data.crop_size
-        size = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+        size = to_pair(cfg.data.crop_size)
     if min(size) < 32:
         raise ConfigError(f"The export size must be at least 32x32 pixels, got {size[0]}x{size[1]}.")
     if check:

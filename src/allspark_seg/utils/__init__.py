@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["upcast"]
+from allspark_seg.utils.sizes import to_pair
+
+__all__ = ["to_pair", "upcast"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
