@@ -68,7 +68,7 @@ TASKS: tuple[Task, ...] = (
             "data.synthetic.image_size=96",
             "data.crop_size=96",
         ),
-        (12, 24),
+        (24, 48),
         "built-in shapes, 4 classes (background, disc, square, triangle), 96 px",
     ),
     Task(
