@@ -108,7 +108,7 @@ DEMO_CONFIG: Mapping[str, Any] = {
         },
     },
     "train": {
-        "iterations": 1600,
+        "iterations": 1200,
         "batch_size": 4,
         "seed": 0,
         "optimizer": "adamw",
@@ -124,8 +124,8 @@ DEMO_CONFIG: Mapping[str, Any] = {
 
 #: What ``--quick`` changes.
 QUICK_OVERRIDES: tuple[str, ...] = (
-    "train.iterations=400",
-    "train.eval_every=100",
+    "train.iterations=250",
+    "train.eval_every=125",
     "data.synthetic.num_unlabeled=200",
     "data.synthetic.num_val=50",
 )
