@@ -98,7 +98,7 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
 )
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
-SCRATCH_STUDY = ("shapes", 24)
+SCRATCH_STUDY = ("shapes", 48)
 SCRATCH = "model.encoder=mit_b0 model.pretrained='' model.drop_path=0.0"
 SCRATCH_RECIPES: tuple[tuple[str, int, str], ...] = (
     ("mit-b0-scratch labels-only", 1, f"method=supervised {SCRATCH}"),
