@@ -27,32 +27,13 @@ from ..config import RunConfig, apply_overrides, resolve_config
 from ..errors import ConfigError, DataError
 from ..predictor import Predictor
 from ..utils.progress import Progress
+from . import inference
 from .evaluate import EvalResult, evaluate
-from .inference import (
-    MIN_SIDE,
-    PREDICT_MODES,
-    PredictSettings,
-    TrainedModel,
-    blend,
-    load_trained_model,
-    predict_image,
-    predict_probabilities,
-)
+from .inference import *  # noqa: F403 (the checkpoint -> mask core, re-exported: it was defined here)
+from .inference import PredictSettings, TrainedModel, blend
 from .inference import _sliding as _sliding  # tests reach it through this module
 
-__all__ = [
-    "MIN_SIDE",
-    "PREDICT_MODES",
-    "PredictSettings",
-    "TrainedModel",
-    "blend",
-    "collect_inputs",
-    "evaluate_checkpoint",
-    "load_trained_model",
-    "predict_image",
-    "predict_paths",
-    "predict_probabilities",
-]
+__all__ = [*inference.__all__, "collect_inputs", "evaluate_checkpoint", "predict_paths"]
 
 log = logging.getLogger(__name__)
 

@@ -7,43 +7,9 @@ and their pieces are in :mod:`allspark_seg.methods.steps`.
 from __future__ import annotations
 
 from ..constants import IGNORE_INDEX as IGNORE
+from ..methods import steps
 from ..methods.registry import RECIPES
-from ..methods.steps import (
-    Batch,
-    StepContext,
-    StepOutput,
-    class_thresholds,
-    cutmix,
-    ema_update,
-    make_ema,
-    pseudo_labels,
-    reads_memory,
-    self_training_step,
-    supervised_step,
-    teacher_logits,
-    unsup_loss,
-    unsup_scale,
-    weak_to_strong_step,
-)
+from ..methods.steps import *  # noqa: F403 (the names this module had)
 from ..methods.steps import Step as Recipe
 
-__all__ = [
-    "IGNORE",
-    "RECIPES",
-    "Batch",
-    "Recipe",
-    "StepContext",
-    "StepOutput",
-    "class_thresholds",
-    "cutmix",
-    "ema_update",
-    "make_ema",
-    "pseudo_labels",
-    "reads_memory",
-    "self_training_step",
-    "supervised_step",
-    "teacher_logits",
-    "unsup_loss",
-    "unsup_scale",
-    "weak_to_strong_step",
-]
+__all__ = ["IGNORE", "RECIPES", "Recipe", *steps.__all__]

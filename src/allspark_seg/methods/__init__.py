@@ -6,47 +6,8 @@ its pieces (pseudo-labels, class thresholds, CutMix, the unlabeled loss and its 
 
 from __future__ import annotations
 
-from .registry import METHODS, RECIPES, WEAK_TO_STRONG, Method, SemiDefaults, get_method
-from .steps import (
-    Batch,
-    Step,
-    StepContext,
-    StepOutput,
-    class_thresholds,
-    cutmix,
-    ema_update,
-    make_ema,
-    pseudo_labels,
-    reads_memory,
-    self_training_step,
-    supervised_step,
-    teacher_logits,
-    unsup_loss,
-    unsup_scale,
-    weak_to_strong_step,
-)
+from . import registry, steps
+from .registry import *  # noqa: F403
+from .steps import *  # noqa: F403
 
-__all__ = [
-    "METHODS",
-    "RECIPES",
-    "WEAK_TO_STRONG",
-    "Batch",
-    "Method",
-    "SemiDefaults",
-    "Step",
-    "StepContext",
-    "StepOutput",
-    "class_thresholds",
-    "cutmix",
-    "ema_update",
-    "get_method",
-    "make_ema",
-    "pseudo_labels",
-    "reads_memory",
-    "self_training_step",
-    "supervised_step",
-    "teacher_logits",
-    "unsup_loss",
-    "unsup_scale",
-    "weak_to_strong_step",
-]
+__all__ = [*registry.__all__, *steps.__all__]
