@@ -18,7 +18,6 @@ from allspark_seg.errors import ConfigError
 BASE = {"train": {"iterations": 10}}
 
 CHOICE_KEYS = {
-    "method",
     "model.allspark.memory_init",
     "model.allspark.grouping",
     "model.allspark.grouping_resize",
@@ -79,8 +78,14 @@ def _fields_with(meta_key: str) -> dict[str, object]:
 def test_the_schema_carries_the_choices_and_ranges_of_every_checked_key():
     assert set(_fields_with(CHOICES)) == CHOICE_KEYS
     assert set(_fields_with(RANGE)) == RANGED_KEYS
-    assert _fields_with(CHOICES)["method"] == tuple(methods.METHODS)
     assert _fields_with(CHOICES)["data.format"] == ("voc", "cityscapes", "coco", "folder", "synthetic")
+
+
+def test_the_method_is_checked_against_the_registry():
+    message = f"Config key 'method' is 'bogus': choose one of {', '.join(methods.METHODS)}."
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load_config(BASE, ["method=bogus"])
+    assert "method" not in _fields_with(CHOICES)  # the registry imports the schema, so the schema cannot name it
 
 
 @pytest.mark.parametrize("key", sorted(CHOICE_KEYS))

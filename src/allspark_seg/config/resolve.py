@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data.formats import FORMAT_CLASSES
 from ..errors import ConfigError
-from ..methods import WEAK_TO_STRONG, Method, get_method
+from ..methods import METHODS, WEAK_TO_STRONG, Method, get_method
 from ..models.factory import CNN_ENCODERS, ENCODER_NAMES, HF_ENCODER_PREFIX
 from ..models.installed import installed_weights_path
 from ..utils import to_pair
@@ -24,7 +24,9 @@ _SPLIT_FORMATS = ("voc", "cityscapes", "coco")
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    """Every field with choices holds one of them (or null)."""
+    """The method is a registered one, and every field with choices holds one of them (or null)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"Config key 'method' is '{cfg.method}': choose one of {', '.join(METHODS)}.")
     for key, f, value in leaf_fields(cfg):
         choices = f.metadata.get(CHOICES)
         if choices is not None and value is not None and value not in choices:

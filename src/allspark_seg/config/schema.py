@@ -15,7 +15,6 @@ from typing import Any
 from ..data.formats import FORMAT_NAMES
 from ..data.synthetic import SYNTHETIC_KINDS
 from ..data.transforms import PIPELINES
-from ..methods import METHODS
 
 __all__ = [
     "AUTO",
@@ -395,7 +394,7 @@ class GuardConfig:
 class RunConfig:
     """A whole run: method, model, data, training, semi-supervised options, evaluation and guard."""
 
-    method: str = _choice("allspark", tuple(METHODS))
+    method: str = "allspark"  # a name of allspark_seg.methods.METHODS, checked by resolve (methods import the schema)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -36,7 +36,7 @@ from ..constants import IGNORE_INDEX
 from ..utils import upcast
 
 if TYPE_CHECKING:  # annotations only: the config package imports this one
-    from ..config import RunConfig, SemiConfig
+    from ..config.schema import RunConfig, SemiConfig
 
 __all__ = [
     "Batch",

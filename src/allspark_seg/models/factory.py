@@ -26,8 +26,8 @@ from .mobilenet import MobileNetV2Encoder
 from .pretrained import load_encoder_weights
 from .segmentor import AllSparkSegmentor
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
+if TYPE_CHECKING:  # annotations only: the config package imports this one
+    from ..config.schema import RunConfig
 
 __all__ = [
     "CNN_ENCODERS",
