@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import blocked_attention, psi_scale
+from .attention import blocked_attention, psi_scale, sdpa_attention
 from .layers import standardize
 from .memory import MemoryInit, SemanticMemory, channel_grouping
 
@@ -236,7 +236,9 @@ class ChannelCrossAttention(nn.Module):
         psi's standardisation becomes a per-sample scale of the queries (softmax ignores the mean shift), the
         labeled samples' query channels are stacked as ``B * 2C`` rows against the shared key columns, and the
         attention runs in row blocks with the dropout of ``attn_dropout`` on the weights. (The zero-initialised
-        memory with masked classes keeps the materialised path, where ``attn_dropout`` sees the weights.)
+        memory with masked classes keeps the materialised path, where ``attn_dropout`` sees the weights.) A forward
+        without autograd or dropout under CPU autocast (a bf16 run's teacher pass and inference) runs
+        :func:`sdpa_attention` instead, faster there and as precise after the autocast rounding (:mod:`.attention`).
 
         Args:
             q: Queries ``(B, N, 2C)``.
@@ -250,6 +252,8 @@ class ChannelCrossAttention(nn.Module):
         scale = psi_scale(q, keys)  # (B,)
         rows = (q * scale[:, None, None]).transpose(1, 2).reshape(b * d, n)
         p = self.attn_dropout.p if self.attn_dropout.training else 0.0
+        if p == 0.0 and not torch.is_grad_enabled() and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return sdpa_attention(rows, keys, values).view(b, d, n)
         return blocked_attention(rows, keys, values, None, p).view(b, d, n)
 
     def forward(
