@@ -426,8 +426,9 @@ def _run_demo(
     for recipe in recipes:
         labeled = demo_config(recipe, quick=quick, overrides=overrides).data.synthetic.num_labeled
         root = (out / "data" / f"{labeled}-labeled").resolve()
-        configs[recipe.name] = cfg = demo_config(recipe, quick=quick, overrides=[*overrides, f"data.root={root}"])
-        ensure_synthetic(cfg, root)  # before the trainings that share it start
+        configs[recipe.name] = demo_config(recipe, quick=quick, overrides=[*overrides, f"data.root={root}"])
+    for root, cfg in {cfg.data.root: cfg for cfg in configs.values()}.items():
+        ensure_synthetic(cfg, Path(root))  # once per dataset, before the trainings that share it start
     runs = _train_all(configs, out, threads, jobs)
     first = next(iter(configs.values()))
     val_root = Path(first.data.root)
