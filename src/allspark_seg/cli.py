@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AllSparkError, ConfigError
+from .utils.logs import file_handler
 
 __all__ = ["build_parser", "main", "parse_scales", "parse_size", "setup_logging"]
 
@@ -51,11 +52,7 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None, *, debug: b
     console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
     handlers: list[logging.Handler] = [console]
     if log_file is not None and rank == 0:
-        path = Path(log_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(file_handler)
+        handlers.append(file_handler(log_file))
     for handler in handlers:
         setattr(handler, _HANDLER_FLAG, True)
         handler.setLevel(level)

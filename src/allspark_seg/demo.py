@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import multiprocessing
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from .engine.data import ensure_synthetic
 from .engine.predict import load_trained_model, predict_image
 from .engine.train import fit
 from .errors import ConfigError
+from .utils.logs import run_log
 
 __all__ = [
     "DEMO_CONFIG",
@@ -213,27 +213,6 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@contextlib.contextmanager
-def _run_logging(name: str, run_dir: Path, console: bool) -> Iterator[None]:
-    """Send the package's records to ``run_dir/train.log`` (and, in a worker process, to stderr with the recipe's
-    name in front, so that trainings running side by side show their progress) for the duration of the block."""
-    logger = logging.getLogger("allspark_seg")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
-    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    if console:
-        handlers.append(logging.StreamHandler(sys.stderr))
-        handlers[1].setFormatter(logging.Formatter(f"%(asctime)s [{name}] %(message)s", "%H:%M:%S"))
-    for handler in handlers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-
-
 def _init_worker(level: int) -> None:
     """A training process of the demo: the package's log level of the parent process."""
     logging.getLogger("allspark_seg").setLevel(level)
@@ -252,7 +231,7 @@ def train_recipe(
         console: Also log to stderr, prefixed with ``name`` (in a worker process, which has no handler of its own).
     """
     _fresh_run_dir(run_dir)
-    with _run_logging(name, run_dir, console), torch_threads(threads):
+    with run_log(run_dir / "train.log", f"[{name}]" if console else None), torch_threads(threads):
         log.info("demo: training %s (%d iterations)", name, cfg.train.iterations or 0)
         result = fit(cfg, run_dir)
     assert result.final is not None

@@ -62,6 +62,7 @@ from .engine.data import ensure_synthetic
 from .engine.guard import TrainingCollapsed
 from .engine.train import TrainingDiverged
 from .errors import ConfigError
+from .utils.logs import file_handler
 
 __all__ = [
     "ExperimentResult",
@@ -289,8 +290,7 @@ def train_command(config: str | Path | None, run: RunSpec) -> str:
 def _run_one(config: str | Path | None, run: RunSpec) -> dict[str, Any]:
     """Train one run (resuming if it was interrupted) and write its ``run.json``."""
     run.folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.folder / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = file_handler(run.folder / "train.log")
     package_logger = logging.getLogger("allspark_seg")
     package_logger.addHandler(handler)
     record: dict[str, Any] = {
