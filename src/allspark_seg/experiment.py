@@ -14,8 +14,10 @@ seeds, one after the other, each run in its own folder. Settings are the product
   one-thread runs finish sooner than one two-thread run after the other).
 
 Overrides apply in this order (a later one wins): the config file, ``--set``, the variant, the grid values, then
-``train.seed``. The base config should leave the ``semi.*`` preset keys unset when the grid or the variants change
-``method``, so that each method gets its own presets.
+``train.seed``. ``{seed}`` in an override is the run's seed, e.g. a frozen teacher trained with the same seed:
+``--variant 'round1:method=fixmatch semi.teacher_checkpoint=OUT/runs/labels-only/seed{seed}/best.pt'`` (the teacher
+must be finished before the run starts: train it first). The base config should leave the ``semi.*`` preset keys
+unset when the grid or the variants change ``method``, so that each method gets its own presets.
 
 Layout of ``OUT``::
 
@@ -261,7 +263,7 @@ def plan_runs(
     for (k, seed), setting in itertools.product(enumerate(seeds), settings):
         if setting.num_seeds is not None and k >= setting.num_seeds:
             continue
-        full = (*overrides, *setting.overrides, f"train.seed={seed}")
+        full = tuple(o.replace("{seed}", str(seed)) for o in (*overrides, *setting.overrides, f"train.seed={seed}"))
         try:
             cfg = load_config(config, full)
         except ConfigError as error:
@@ -638,7 +640,7 @@ def add_experiment_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
         action="append",
         default=[],
         metavar="'NAME:KEY=V ...'",
-        help="a named setting (e.g. an ablation row); repeatable; crossed with the grid",
+        help="a named setting (e.g. an ablation row); repeatable; crossed with the grid; {seed} is the run's seed",
     )
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")

@@ -138,6 +138,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             "set data.pipeline=unimatch."
         )
     _check_weak_to_strong(method, semi, data.pipeline)
+    _check_teacher(method, semi)
 
     # Evaluation defaults.
     ev = cfg.eval
@@ -163,6 +164,8 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
 def _fill_semi(semi: SemiConfig, method: Method) -> SemiConfig:
     """The null ``semi.*`` keys take the method's defaults; a method without unlabeled images sets them all."""
     defaults = asdict(method.defaults)
+    if semi.teacher_checkpoint and semi.ema is None:
+        defaults["ema"] = False  # the frozen teacher takes the place of the method's EMA teacher
     if not method.semi:
         return replace(semi, **defaults)
     return replace(semi, **{k: v if getattr(semi, k) is None else getattr(semi, k) for k, v in defaults.items()})
@@ -189,6 +192,21 @@ def _check_weak_to_strong(method: Method, semi: SemiConfig, pipeline: str) -> No
                 f"Config key 'semi.{key}' applies to the weak-to-strong methods ({', '.join(WEAK_TO_STRONG)}), "
                 f"not to '{method.name}'."
             )
+
+
+def _check_teacher(method: Method, semi: SemiConfig) -> None:
+    """A frozen teacher replaces the EMA teacher and needs a method that learns from unlabeled images."""
+    if not semi.teacher_checkpoint:
+        return
+    if not method.semi:
+        raise ConfigError(
+            f"Config key 'semi.teacher_checkpoint' labels unlabeled images: method '{method.name}' uses none."
+        )
+    if semi.ema:
+        raise ConfigError(
+            "Config keys 'semi.teacher_checkpoint' and 'semi.ema' both choose the teacher: set semi.ema=false to "
+            "learn from the frozen checkpoint."
+        )
 
 
 def _check_hf_pretrained(model: ModelConfig) -> None:

@@ -309,6 +309,12 @@ class SemiConfig:
             iterations; or give ``warmup_epochs`` (official: 5 of 80 epochs on Pascal, 15 of 240 on Cityscapes).
             Neither: 1/16 of training.
         warmup_epochs: Memory warm-up in epochs.
+        teacher_checkpoint: A checkpoint of a trained run (``best.pt``/``last.pt``) whose model, frozen, labels the
+            unlabeled images instead of a teacher that follows the student (itself or its EMA), which can drift with
+            it: two-stage self-training (train labels-only first, then learn from its pseudo-labels; the student starts
+            from ``model.pretrained`` as usual); the new run's checkpoint is the teacher of a next round. Any
+            architecture with this run's classes. It replaces the method's EMA teacher (``semi.ema`` set to true
+            with it is an error).
     """
 
     ema: bool | None = None
@@ -326,6 +332,7 @@ class SemiConfig:
     unsup_rampup: int | None = _ranged(None, NON_NEGATIVE)
     warmup_iterations: int | None = _ranged(None, NON_NEGATIVE)
     warmup_epochs: float | None = _ranged(None, NON_NEGATIVE)
+    teacher_checkpoint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ window of the training crop, so memory stays bounded and the model sees objects 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ __all__ = [
     "PredictSettings",
     "TrainedModel",
     "blend",
+    "load_teacher",
     "load_trained_model",
     "predict_image",
     "predict_probabilities",
@@ -68,6 +70,38 @@ class TrainedModel:
     def device(self) -> torch.device:
         """Where the model's parameters are."""
         return next(self.model.parameters()).device
+
+
+def load_teacher(path: str | Path, num_classes: int, device: torch.device) -> tuple[AllSparkSegmentor, str]:
+    """The frozen teacher of ``semi.teacher_checkpoint``: a trained run's model, in eval mode, without gradients.
+
+    Args:
+        path: ``best.pt``/``last.pt`` of a training run (any architecture).
+        num_classes: The classes of the run it teaches.
+        device: Where it runs.
+
+    Returns:
+        The model and the sha256 of its file (a resumed run refuses a teacher file whose contents changed).
+
+    Raises:
+        ConfigError: The file is not a readable checkpoint of a training run, or its model predicts another number
+            of classes.
+    """
+    try:
+        trained = load_trained_model(path, device)
+    except CheckpointError as error:
+        raise ConfigError(f"Config key 'semi.teacher_checkpoint': {error}") from None
+    if trained.cfg.data.num_classes != num_classes:
+        raise ConfigError(
+            f"Config key 'semi.teacher_checkpoint': '{path}' predicts {trained.cfg.data.num_classes} classes, this run "
+            f"has {num_classes}."
+        )
+    trained.model.requires_grad_(False)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return trained.model, digest.hexdigest()
 
 
 def _pick_device(device: str | torch.device) -> torch.device:

@@ -2,10 +2,11 @@
 
 A training checkpoint (:func:`training_checkpoint`) is a plain dict of tensors and primitives: ``model`` (the
 unwrapped state dict, Semantic Memory buffers included), ``optimizer``, ``ema`` (or None), ``scaler`` (or None),
-``rng`` (rank 0's torch CPU and CUDA generator states; training draws do not depend on them, every micro-step reseeds
-from its iteration and virtual process, see ``engine.accumulation``), ``world_size`` (the number of processes that
-wrote it), ``step``, ``epoch``, ``best_miou``, ``best_step``, ``guard`` (the collapse guard's state), ``config`` (the
-resolved config as a dict), ``class_names``, ``palette`` and ``version``.
+``teacher_sha256`` (the file of ``semi.teacher_checkpoint``, or None), ``rng`` (rank 0's torch CPU and CUDA
+generator states; training draws do not depend on them, every micro-step reseeds from its iteration and virtual
+process, see ``engine.accumulation``), ``world_size`` (the number of processes that wrote it), ``step``, ``epoch``,
+``best_miou``, ``best_step``, ``guard`` (the collapse guard's state), ``config`` (the resolved config as a dict),
+``class_names``, ``palette`` and ``version``.
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over the target
 (:func:`atomic_save`), so a crash during a save leaves the previous file intact; reading never unpickles code
@@ -194,6 +195,7 @@ def training_checkpoint(
     world_size: int,
     class_names: Sequence[str],
     palette: np.ndarray,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a run (tensors and primitives only; the layout is in the module docstring).
 
@@ -211,6 +213,7 @@ def training_checkpoint(
         world_size: Processes of the run.
         class_names: K class names.
         palette: ``(K, 3)`` uint8 colours.
+        teacher_sha256: The sha256 of the frozen teacher's file (``semi.teacher_checkpoint``), or None.
     """
     return {
         "version": __version__,
@@ -218,6 +221,7 @@ def training_checkpoint(
         "optimizer": optimizer.state_dict(),
         "ema": None if ema is None else ema.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "teacher_sha256": teacher_sha256,
         "rng": capture_rng(),
         "world_size": world_size,
         "step": step,

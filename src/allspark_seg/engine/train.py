@@ -43,7 +43,7 @@ from ..config import RunConfig, dump_config
 from ..data import build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
 from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
-from ..errors import AllSparkError
+from ..errors import AllSparkError, CheckpointError
 from ..losses import build_loss
 from ..metrics import SegMetrics
 from ..models.factory import build_model_from_config, record_built_model
@@ -55,6 +55,7 @@ from .data import DataBundle, prepare_data
 from .diagnostics import loss_ratio, memory_diversity, pseudo_label_counts, stats_from_counts
 from .evaluate import evaluate
 from .guard import CollapseGuard, CollapseMonitor, TrainingCollapsed, watched_labeled_share
+from .inference import load_teacher
 from .logger import MetricLogger, to_python
 from .recipes import RECIPES, StepContext, StepOutput, ema_update, make_ema
 from .state import (
@@ -161,6 +162,12 @@ class Trainer:
         if env.distributed:
             self.model = convert_sync_batchnorm(self.model, env.device)
         self.ema = make_ema(self.model) if cfg.semi.ema else None
+        self.teacher, self.teacher_sha256 = self.ema, None
+        if cfg.semi.teacher_checkpoint:
+            assert cfg.data.num_classes is not None
+            teacher, self.teacher_sha256 = load_teacher(cfg.semi.teacher_checkpoint, cfg.data.num_classes, env.device)
+            self.teacher = teacher.to(memory_format=torch.channels_last) if cfg.train.channels_last else teacher
+            log.info("teacher: %s, frozen", cfg.semi.teacher_checkpoint)
         groups = param_groups(self.model, cfg.train.lr, cfg.train.lr_multi)
         t = cfg.train
         self.optimizer = build_optimizer(t.optimizer, groups, t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -178,7 +185,7 @@ class Trainer:
         self.ctx = StepContext(
             cfg=cfg,
             net=net,
-            teacher=self.ema,
+            teacher=self.teacher,
             criterion_l=criterion,
             device=env.device,
             autocast=_autocast_factory(t.precision, env.device),
@@ -204,6 +211,11 @@ class Trainer:
             return
         saved = load_checkpoint(path, map_location=self.env.device)
         _check_resumable(saved, self.cfg, path, self.env.world_size)
+        if saved.get("teacher_sha256") != self.teacher_sha256:
+            raise CheckpointError(
+                f"Checkpoint '{path}' was trained with another semi.teacher_checkpoint file than "
+                f"'{self.cfg.semi.teacher_checkpoint}' holds now: restore that file or use another --out folder."
+            )
         self.step, self.best_miou, self.best_step = restore_training_state(
             saved, model=self.model, optimizer=self.optimizer, ema=self.ema, scaler=self.scaler, guard=self.guard
         )
@@ -225,6 +237,7 @@ class Trainer:
             world_size=self.env.world_size,
             class_names=self.bundle.class_names,
             palette=self.bundle.palette,
+            teacher_sha256=self.teacher_sha256,
         )
 
     def save(self, name: str) -> None:
