@@ -7,6 +7,9 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - ``all-labels``: ``supervised`` with every training image labeled (budget + unlabeled images: the upper bound);
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
   and the tuned recipes of :data:`RECIPES`;
+- two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` learning from a frozen teacher, the
+  same seed's ``labels-only`` run (round 1), then the round-1 student (round 2); these rows are trained after the
+  runs they learn from;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2; the others seed 0. Each (task, budget) is one ``allspark-seg
@@ -97,6 +100,15 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("fixmatch+class_thresh", 3, "method=fixmatch semi.class_thresh=true"),
 )
 
+#: Rows trained after every row above (and the stages before) has finished: each learns from a frozen teacher
+#: (``semi.teacher_checkpoint``), the ``last.pt`` of the same seed's run of an earlier row (``{runs}``: the study's
+#: runs folder; the experiment command expands ``{seed}``).
+_FMCT = "method=fixmatch semi.class_thresh=true semi.teacher_checkpoint={runs}"
+TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
+    (("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),),
+    (("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),),
+)
+
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
 SCRATCH_STUDY = ("shapes", 48)
 SCRATCH = "model.encoder=mit_b0 model.pretrained='' model.drop_path=0.0"
@@ -107,13 +119,15 @@ SCRATCH_RECIPES: tuple[tuple[str, int, str], ...] = (
 )
 
 
-def variants(task: Task, budget: int) -> list[str]:
-    """The ``--variant`` strings of one study."""
+def variants(task: Task, budget: int, folder: Path, stages: int = len(TEACHER_STAGES)) -> list[str]:
+    """The ``--variant`` strings of one study (in ``folder``), with the first ``stages`` teacher stages."""
     rows = list(RECIPES)
     if (task.name, budget) == SCRATCH_STUDY:
         rows += SCRATCH_RECIPES
+    for stage in TEACHER_STAGES[:stages]:
+        rows += stage
     return [
-        f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED)}"
+        f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows
     ]
 
@@ -148,16 +162,20 @@ def run(out: Path, jobs: int, plan: Sequence[tuple[Task, int]], quick: bool, tra
         ]
         if quick:
             overrides += ["train.iterations=60", "train.eval_every=30", "data.synthetic.num_val=20"]
-        result = run_experiment(
-            CONFIG,
-            out / f"{task.name}-{budget}",
-            seeds=SEEDS,
-            overrides=overrides,
-            variants=variants(task, budget),
-            train=train,
-            jobs=jobs,
-        )
-        rows += study_rows(task, budget, result.summary, result.runs, out / f"{task.name}-{budget}")
+        folder = (out / f"{task.name}-{budget}").resolve()
+        # The rows without a teacher, then each teacher stage once the runs it learns from are finished; the last
+        # call (every row) writes the study's report.
+        for stages in range(len(TEACHER_STAGES) + 1) if train else [len(TEACHER_STAGES)]:
+            result = run_experiment(
+                CONFIG,
+                folder,
+                seeds=SEEDS,
+                overrides=overrides,
+                variants=variants(task, budget, folder, stages),
+                train=train,
+                jobs=jobs,
+            )
+        rows += study_rows(task, budget, result.summary, result.runs, folder)
     return rows
 
 

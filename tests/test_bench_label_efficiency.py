@@ -19,17 +19,24 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
     total = 0
     for task in LE.TASKS:
         for budget in task.budgets:
-            settings = E.expand_settings([E.parse_variant(v) for v in LE.variants(task, budget)], [])
+            settings = E.expand_settings([E.parse_variant(v) for v in LE.variants(task, budget, tmp_path)], [])
             overrides = [*task.overrides, f"data.synthetic.num_labeled={budget}", "model.pretrained="]
             runs = E.plan_runs(LE.CONFIG, tmp_path, settings, list(LE.SEEDS), overrides)  # validates every config
             seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
             for key in ("labels-only", "all-labels", "allspark", "allspark+", "fixmatch+class_thresh"):
                 assert seeds[key] == [0, 1, 2]
+            for key, teacher in (("fixmatch+teacher", "labels-only"), ("fixmatch+teacher_r2", "fixmatch+teacher")):
+                assert seeds[key] == [0, 1, 2]
+                for run in (r for r in runs if r.setting.name == key):
+                    path = tmp_path / "runs" / teacher / f"seed{run.seed}" / "last.pt"
+                    assert f"semi.teacher_checkpoint={path}" in run.overrides
             assert seeds["fixmatch"] == [0]
             full = next(r for r in runs if r.setting.name == "all-labels")
             assert f"data.synthetic.num_labeled={budget + LE.UNLABELED}" in full.overrides
             total += len(runs)
-    with_scratch = [(t.name, b) for t in LE.TASKS for b in t.budgets if any("scratch" in v for v in LE.variants(t, b))]
+    with_scratch = [
+        (t.name, b) for t in LE.TASKS for b in t.budgets if any("scratch" in v for v in LE.variants(t, b, tmp_path))
+    ]
     assert with_scratch == [LE.SCRATCH_STUDY]
     assert total > 40
 
