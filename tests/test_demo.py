@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from allspark_seg.demo import (
     DEMO_CONFIG,
     DEMO_RECIPES,
     QUICK_OVERRIDES,
+    DemoRecipe,
     RecipeResult,
     demo_config,
     gap_closed,
@@ -163,3 +165,32 @@ def test_torch_threads_are_restored() -> None:
     with pytest.raises(ConfigError, match="at least 1"), torch_threads(0):
         pass
     assert torch.get_num_threads() == before
+
+
+def test_a_teacher_row_must_come_after_its_teacher(tmp_path: Path) -> None:
+    rows = (DemoRecipe("student", "fixmatch", teacher="labels-only"), DemoRecipe("labels-only", "supervised"))
+    with pytest.raises(ConfigError, match="'student' learns from 'labels-only', which is not a row before it"):
+        run_demo(tmp_path / "demo", overrides=TINY, recipes=rows)
+    assert not (tmp_path / "demo" / "student").exists()
+
+
+@pytest.mark.slow
+def test_a_row_with_a_frozen_teacher_starts_after_its_teacher_has_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="allspark_seg")  # the workers log at the parent's level
+    rows = (
+        DemoRecipe("labels-only", "supervised"),
+        DemoRecipe("allspark+", "allspark+"),
+        DemoRecipe("round1", "fixmatch", teacher="labels-only"),
+        DemoRecipe("all-labels", "supervised", all_labeled=True),
+    )
+    result = run_demo(tmp_path / "demo", overrides=TINY, recipes=rows, jobs=2)
+    assert list(result.runs) == [r.name for r in rows]
+    teacher = (tmp_path / "demo" / "labels-only" / "last.pt").resolve()
+    summary = json.loads(result.files["summary"].read_text())
+    assert summary["runs"]["round1"]["config"]["semi"]["teacher_checkpoint"] == str(teacher)
+    log = (tmp_path / "demo" / "round1" / "train.log").read_text()
+    assert f"teacher: {teacher}, frozen" in log
+    teacher_done = (tmp_path / "demo" / "labels-only" / "results.json").stat().st_mtime
+    assert (tmp_path / "demo" / "round1" / "config.yaml").stat().st_mtime >= teacher_done

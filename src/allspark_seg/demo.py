@@ -73,12 +73,15 @@ class DemoRecipe:
         overrides: Further ``key=value`` overrides of this row.
         all_labeled: Train with every image labeled: as many labeled images as the others see labeled and
             unlabeled (the upper bound).
+        teacher: The earlier row whose ``last.pt`` is this row's frozen teacher (``semi.teacher_checkpoint``); the
+            row is trained once that one has finished.
     """
 
     name: str
     method: str
     overrides: tuple[str, ...] = ()
     all_labeled: bool = False
+    teacher: str | None = None
 
 
 #: The rows: the baseline first, the upper bound last.
@@ -376,19 +379,26 @@ def run_demo(
     return _run_demo(Path(out_dir), quick, overrides, recipes, threads, jobs)
 
 
-def _train_all(configs: Mapping[str, RunConfig], out: Path, threads: int | None, jobs: int) -> dict[str, RecipeResult]:
-    """Train every recipe, ``jobs`` at a time; the results in the order of ``configs``."""
-    if jobs == 1:
+def _train_all(
+    configs: Mapping[str, RunConfig], teachers: Mapping[str, str | None], out: Path, threads: int | None, jobs: int
+) -> dict[str, RecipeResult]:
+    """Train every recipe, ``jobs`` at a time, each row once its teacher row (if any) has finished; a free worker
+    takes the first ready row in row order. The results in the order of ``configs``."""
+    if jobs == 1:  # row order: a teacher is an earlier row
         return {name: train_recipe(name, cfg, out / name, threads) for name, cfg in configs.items()}
     context = multiprocessing.get_context("spawn")  # no fork of a process that has started torch threads
     level = logging.getLogger("allspark_seg").getEffectiveLevel()
     workers = min(jobs, len(configs))
+    waiting, running, done = list(configs), {}, {}
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(level,)) as pool:
-        pending = {
-            name: pool.submit(train_recipe, name, cfg, out / name, threads, console=True)
-            for name, cfg in configs.items()
-        }
-        return {name: job.result() for name, job in pending.items()}
+        while waiting or running:
+            for name in [n for n in waiting if teachers[n] is None or teachers[n] in done][: workers - len(running)]:
+                running[pool.submit(train_recipe, name, configs[name], out / name, threads, console=True)] = name
+                waiting.remove(name)
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for job in finished:
+                done[running.pop(job)] = job.result()
+    return {name: done[name] for name in configs}
 
 
 def _run_demo(
@@ -403,12 +413,18 @@ def _run_demo(
     out.mkdir(parents=True, exist_ok=True)
     configs = {}
     for recipe in recipes:
+        if recipe.teacher is not None and recipe.teacher not in configs:
+            raise ConfigError(
+                f"Demo recipe '{recipe.name}' learns from '{recipe.teacher}', which is not a row before it."
+            )
         labeled = demo_config(recipe, quick=quick, overrides=overrides).data.synthetic.num_labeled
-        root = (out / "data" / f"{labeled}-labeled").resolve()
-        configs[recipe.name] = demo_config(recipe, quick=quick, overrides=[*overrides, f"data.root={root}"])
+        extra = [f"data.root={(out / 'data' / f'{labeled}-labeled').resolve()}"]
+        if recipe.teacher is not None:
+            extra.append(f"semi.teacher_checkpoint={(out / recipe.teacher / 'last.pt').resolve()}")
+        configs[recipe.name] = demo_config(recipe, quick=quick, overrides=[*overrides, *extra])
     for root, cfg in {cfg.data.root: cfg for cfg in configs.values()}.items():
         ensure_synthetic(cfg, Path(root))  # once per dataset, before the trainings that share it start
-    runs = _train_all(configs, out, threads, jobs)
+    runs = _train_all(configs, {r.name: r.teacher for r in recipes}, out, threads, jobs)
     first = next(iter(configs.values()))
     val_root = Path(first.data.root)
     info = D.describe_dataset("folder", val_root, first.data.num_classes)
