@@ -132,11 +132,12 @@ def test_words_and_nulls_skip_the_range_check():
 
 
 # ------------------------------------------------------------------------------------------------- methods
-def test_the_method_defaults_fill_every_null_semi_key_but_the_warmup():
+def test_the_method_defaults_fill_every_null_semi_key_but_the_warmup_and_the_teacher_file():
     nullable = {f.name for f in dataclasses.fields(SemiConfig) if f.default is None}
     assert {f.name for f in dataclasses.fields(methods.SemiDefaults)} == nullable - {
         "warmup_iterations",
         "warmup_epochs",
+        "teacher_checkpoint",
     }
 
 
