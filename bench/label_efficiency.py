@@ -8,8 +8,8 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
   and the tuned recipes of :data:`RECIPES`;
 - two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` learning from a frozen teacher, the
-  same seed's ``labels-only`` run (round 1), then the round-1 student (round 2); these rows are trained after the
-  runs they learn from;
+  same seed's ``labels-only`` run (round 1), then the student of the round before (rounds 2 and 3); these rows are
+  trained after the runs they learn from;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2; the others seed 0. Each (task, budget) is one ``allspark-seg
@@ -107,6 +107,7 @@ _FMCT = "method=fixmatch semi.class_thresh=true semi.teacher_checkpoint={runs}"
 TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
     (("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),),
     (("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),),
+    (("fixmatch+teacher_r3", 3, _FMCT + "/fixmatch+teacher_r2/seed{{seed}}/last.pt"),),
 )
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.

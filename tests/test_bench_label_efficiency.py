@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
             seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
             for key in ("labels-only", "all-labels", "allspark", "allspark+", "fixmatch+class_thresh"):
                 assert seeds[key] == [0, 1, 2]
-            for key, teacher in (("fixmatch+teacher", "labels-only"), ("fixmatch+teacher_r2", "fixmatch+teacher")):
+            rounds = ("labels-only", "fixmatch+teacher", "fixmatch+teacher_r2", "fixmatch+teacher_r3")
+            for teacher, key in itertools.pairwise(rounds):
                 assert seeds[key] == [0, 1, 2]
                 for run in (r for r in runs if r.setting.name == key):
                     path = tmp_path / "runs" / teacher / f"seed{run.seed}" / "last.pt"
