@@ -8,8 +8,9 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
   and the tuned recipes of :data:`RECIPES`;
 - two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` learning from a frozen teacher, the
-  same seed's ``labels-only`` run (round 1), then the student of the round before (rounds 2 and 3); these rows are
+  same seed's ``labels-only`` run (round 1), then the student of the round before (rounds 2 to 4); these rows are
   trained after the runs they learn from;
+- ``labels-only-3200it``: labels-only trained twice as long, to see whether the baseline's schedule is long enough;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2; the others seed 0. Each (task, budget) is one ``allspark-seg
@@ -91,6 +92,7 @@ TASKS: tuple[Task, ...] = (
 #: baselines, the faithful ``allspark`` and the candidates for the best recipe; one for the others.
 RECIPES: tuple[tuple[str, int, str], ...] = (
     ("labels-only", 3, "method=supervised"),
+    ("labels-only-3200it", 3, "method=supervised train.iterations=3200"),  # is the baseline's schedule long enough?
     ("all-labels", 3, "method=supervised data.synthetic.num_labeled={all}"),
     ("selftrain", 1, "method=selftrain"),
     ("allspark", 3, "method=allspark"),
@@ -108,6 +110,7 @@ TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
     (("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),),
     (("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),),
     (("fixmatch+teacher_r3", 3, _FMCT + "/fixmatch+teacher_r2/seed{{seed}}/last.pt"),),
+    (("fixmatch+teacher_r4", 3, _FMCT + "/fixmatch+teacher_r3/seed{{seed}}/last.pt"),),
 )
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.

@@ -24,9 +24,16 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
             overrides = [*task.overrides, f"data.synthetic.num_labeled={budget}", "model.pretrained="]
             runs = E.plan_runs(LE.CONFIG, tmp_path, settings, list(LE.SEEDS), overrides)  # validates every config
             seeds = {s.name: sorted(r.seed for r in runs if r.setting == s) for s in settings}
-            for key in ("labels-only", "all-labels", "allspark", "allspark+", "fixmatch+class_thresh"):
+            for key in (
+                "labels-only",
+                "labels-only-3200it",
+                "all-labels",
+                "allspark",
+                "allspark+",
+                "fixmatch+class_thresh",
+            ):
                 assert seeds[key] == [0, 1, 2]
-            rounds = ("labels-only", "fixmatch+teacher", "fixmatch+teacher_r2", "fixmatch+teacher_r3")
+            rounds = ("labels-only", "fixmatch+teacher", *(f"fixmatch+teacher_r{k}" for k in (2, 3, 4)))
             for teacher, key in itertools.pairwise(rounds):
                 assert seeds[key] == [0, 1, 2]
                 for run in (r for r in runs if r.setting.name == key):
