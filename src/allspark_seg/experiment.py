@@ -263,12 +263,13 @@ def plan_runs(
     for (k, seed), setting in itertools.product(enumerate(seeds), settings):
         if setting.num_seeds is not None and k >= setting.num_seeds:
             continue
-        full = tuple(o.replace("{seed}", str(seed)) for o in (*overrides, *setting.overrides, f"train.seed={seed}"))
+        shared = [o.replace("{seed}", str(seed)) for o in overrides]
+        full = (*shared, *(o.replace("{seed}", str(seed)) for o in setting.overrides), f"train.seed={seed}")
         try:
             cfg = load_config(config, full)
         except ConfigError as error:
             raise ConfigError(f"Setting '{setting.name}': {error}") from None
-        if cfg.data.format == "synthetic" and not load_config(config, overrides).data.root and not _sets_root(full):
+        if cfg.data.format == "synthetic" and not load_config(config, shared).data.root and not _sets_root(full):
             full = (*full, f"data.root={_synthetic_root(cfg, out_dir)}")
         runs.append(RunSpec(setting, seed, out_dir / "runs" / _slug(setting.name) / f"seed{seed}", full))
     return runs
