@@ -263,8 +263,8 @@ def plan_runs(
     for (k, seed), setting in itertools.product(enumerate(seeds), settings):
         if setting.num_seeds is not None and k >= setting.num_seeds:
             continue
-        shared = [o.replace("{seed}", str(seed)) for o in overrides]
-        full = (*shared, *(o.replace("{seed}", str(seed)) for o in setting.overrides), f"train.seed={seed}")
+        full = tuple(o.replace("{seed}", str(seed)) for o in (*overrides, *setting.overrides, f"train.seed={seed}"))
+        shared = full[: len(overrides)]
         try:
             cfg = load_config(config, full)
         except ConfigError as error:

@@ -275,11 +275,14 @@ def restore_weights(
         ema.load_state_dict(saved["ema"])
 
 
-def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path, world_size: int) -> None:
+def _check_resumable(
+    saved: dict[str, Any], cfg: RunConfig, path: Path, world_size: int, teacher_sha256: str | None = None
+) -> None:
     """Refuse a checkpoint that this run cannot continue exactly, in one sentence naming the difference.
 
     Refused: another ``method`` or ``model`` section, class count, number of processes, ``train.seed``,
-    ``train.grad_accum``, batch sizes (so another global batch), or any ``semi.*`` value. Checkpoints written before
+    ``train.grad_accum``, batch sizes (so another global batch), any ``semi.*`` value, or a frozen teacher file
+    (``semi.teacher_checkpoint``) whose contents changed (``teacher_sha256``: this run's). Checkpoints written before
     the number of processes was recorded are not compared on it.
     """
     old = saved.get("config")
@@ -314,3 +317,8 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig, path: Path, world_si
                 f"Checkpoint '{path}' was written with {key}={json.dumps(before)} but this run has "
                 f"{key}={json.dumps(after)}: {fix}."
             )
+    if saved.get("teacher_sha256") != teacher_sha256:
+        raise CheckpointError(
+            f"Checkpoint '{path}' was trained with another semi.teacher_checkpoint file than "
+            f"'{cfg.semi.teacher_checkpoint}' holds now: restore that file or use another --out folder."
+        )

@@ -43,7 +43,7 @@ from ..config import RunConfig, dump_config
 from ..data import build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
 from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
-from ..errors import AllSparkError, CheckpointError
+from ..errors import AllSparkError
 from ..losses import build_loss
 from ..metrics import SegMetrics
 from ..models.factory import build_model_from_config, record_built_model
@@ -210,12 +210,7 @@ class Trainer:
         if path is None:
             return
         saved = load_checkpoint(path, map_location=self.env.device)
-        _check_resumable(saved, self.cfg, path, self.env.world_size)
-        if saved.get("teacher_sha256") != self.teacher_sha256:
-            raise CheckpointError(
-                f"Checkpoint '{path}' was trained with another semi.teacher_checkpoint file than "
-                f"'{self.cfg.semi.teacher_checkpoint}' holds now: restore that file or use another --out folder."
-            )
+        _check_resumable(saved, self.cfg, path, self.env.world_size, self.teacher_sha256)
         self.step, self.best_miou, self.best_step = restore_training_state(
             saved, model=self.model, optimizer=self.optimizer, ema=self.ema, scaler=self.scaler, guard=self.guard
         )
