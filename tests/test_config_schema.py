@@ -57,6 +57,7 @@ RANGED_KEYS = {
     "semi.ema_decay",
     "semi.conf_thresh",
     "semi.unsup_weight",
+    "semi.area_cap",
     "semi.unsup_start",
     "semi.unsup_rampup",
     "semi.warmup_iterations",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from allspark_seg.data import load_mask
 from allspark_seg.dist import DistEnv
+from allspark_seg.engine.diagnostics import largest_crop_share
 from allspark_seg.engine.recipes import (
     RECIPES,
     StepContext,
@@ -18,6 +21,7 @@ from allspark_seg.engine.recipes import (
     cutmix,
     ema_update,
     make_ema,
+    oversized_classes,
     pseudo_labels,
     unsup_loss,
     unsup_scale,
@@ -86,6 +90,35 @@ def test_class_thresholds_keep_a_less_confident_class_that_a_fixed_threshold_dro
     # Class 1 threshold: 0.95 * mean(0.8, 0.7) / mean(0.98, 0.99) = 0.7234: keeps 0.8, drops 0.7.
     assert per_class.tolist() == [[[0, 0, 1, 255]]]
     assert pseudo_labels(logits, class_thresh=True)[0].tolist() == [[[0, 0, 1, 1]]]  # no threshold: nothing dropped
+
+
+def test_area_cap_drops_a_class_only_in_the_images_where_it_is_too_large():
+    # Image 0: class 1 on 3 of 4 pixels (75%); image 1: on 1 of 4 (25%), another of its pixels is padding.
+    labels = torch.tensor([[[1, 1], [1, 0]], [[1, 0], [0, 2]]])
+    valid = torch.tensor([[[True, True], [True, True]], [[True, True], [True, False]]])
+    cap = torch.tensor([1.0, 0.5, 0.2])
+    # Image 1: class 1 is 1 of 3 valid pixels (33%, under 0.5); class 2 lies on padding only (0%).
+    assert oversized_classes(labels, valid, cap).tolist() == [[False, True, False], [False, False, False]]
+    logits = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 5
+    kept, _, _ = pseudo_labels(logits, ignore=~valid, area_cap=cap)
+    assert kept.tolist() == [[[255, 255], [255, 0]], [[1, 0], [0, 255]]]
+    # The share is of the arg max before any threshold: with one of its pixels unconfident, class 1 keeps 2 of 4
+    # pixels (50%, not above the cap) but still covers 75% of image 0 in the teacher's eyes.
+    logits[0, :, 0, 0] = torch.tensor([0.0, 0.1, 0.0])
+    assert pseudo_labels(logits, conf_thresh=0.5, area_cap=cap)[0][0].tolist() == [[255, 255], [255, 0]]
+    assert pseudo_labels(logits, conf_thresh=0.5)[0][0].tolist() == [[255, 1], [1, 0]]
+
+
+def test_largest_crop_share_over_crop_sized_windows_of_the_labeled_masks():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4, :4] = 1  # a 4 x 4 object in one corner
+    mask[7, 7] = 255  # ignored: not counted
+    whole = largest_crop_share([mask], 3, 8)
+    torch.testing.assert_close(whole, torch.tensor([47 / 63, 16 / 63, 0.0]))
+    torch.testing.assert_close(largest_crop_share([mask], 3, 4), torch.tensor([1.0, 1.0, 0.0]))  # a crop on it
+    torch.testing.assert_close(largest_crop_share([mask], 3, (4, 8)), torch.tensor([1.0, 0.5, 0.0]))
+    two = largest_crop_share([mask, np.full((4, 4), 2, np.uint8)], 3, 8)  # the larger mask's crop is clipped
+    torch.testing.assert_close(two, torch.tensor([47 / 63, 16 / 63, 1.0]))
 
 
 def test_unsup_scale_waits_then_ramps_up():
@@ -261,3 +294,18 @@ def test_labels_only_until_unsup_start_then_the_unlabeled_loss_counts(tmp_path, 
     assert float(first.loss) == pytest.approx(float(first.logs["loss_x"]) / 2, rel=1e-6)
     expected = (float(second.logs["loss_x"]) + float(second.logs["loss_u"])) / 2
     assert float(second.loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_trainer_caps_pseudo_labels_from_crops_of_the_labeled_masks(tmp_path, data_root):
+    cfg = tiny_config(data_root, method="fixmatch", overrides=("semi.area_cap=0.5", "semi.conf_thresh=0.0"))
+    trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
+    k = trainer.cfg.data.num_classes
+    masks = [load_mask(item.mask, item.mask_encoding) for item in trainer.bundle.labeled.items]
+    expected = 0.5 * largest_crop_share(masks, k, 48)  # crop 48 of the 96 px images
+    assert torch.equal(trainer.ctx.area_cap, expected) and bool((expected < 0.5).any())
+    out = trainer.train_step(*trainer._epoch_iterators(0, 0))
+    kept = (out.pseudo[:, None] == torch.arange(k)[None, :, None, None]).float().mean((2, 3))  # (B, K)
+    assert bool((kept <= expected).all()), (kept, expected)
+    for method, overrides in (("fixmatch", ()), ("supervised", ("semi.area_cap=0.5",))):
+        other = Trainer(tiny_config(data_root, method, overrides), tmp_path / method, DistEnv(), None)
+        assert other.ctx.area_cap is None

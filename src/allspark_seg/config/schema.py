@@ -315,6 +315,10 @@ class SemiConfig:
             from ``model.pretrained`` as usual); the new run's checkpoint is the teacher of a next round. Any
             architecture with this run's classes. It replaces the method's EMA teacher (``semi.ema`` set to true
             with it is an error).
+        area_cap: Ignore an unlabeled image's pseudo-labels of a class when the teacher gives that class more of
+            the image than ``area_cap`` times the largest share the class takes of a crop of any labeled mask (0:
+            off, the default). Against a teacher that calls a whole textured background an object class: the
+            few labeled images say how large a class can be. 1.0 trusts that largest share as it is.
     """
 
     ema: bool | None = None
@@ -333,6 +337,7 @@ class SemiConfig:
     warmup_iterations: int | None = _ranged(None, NON_NEGATIVE)
     warmup_epochs: float | None = _ranged(None, NON_NEGATIVE)
     teacher_checkpoint: str | None = None
+    area_cap: float = _ranged(0.0, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

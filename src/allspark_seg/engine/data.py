@@ -7,13 +7,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .. import data as D
 from ..config import RunConfig, crop_hw
 from .adapt import adapt_to_data
+from .diagnostics import largest_crop_share
 
-__all__ = ["DataBundle", "data_root", "prepare_data"]
+__all__ = ["DataBundle", "data_root", "prepare_data", "pseudo_label_area_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +119,15 @@ def prepare_data(cfg: RunConfig, out_dir: str | Path | None = None, *, rank: int
         k,
     )
     return DataBundle(cfg, labeled, unlabeled, val, tuple(info.class_names), info.palette)
+
+
+def pseudo_label_area_cap(cfg: RunConfig, labeled: D.TrainDataset) -> torch.Tensor | None:
+    """``(K,)`` ``semi.area_cap`` times each class's largest share of a crop of a labeled mask (the masks are read
+    once), or None when the option is off or the method has no pseudo-labels."""
+    if cfg.semi.area_cap <= 0 or cfg.method == "supervised":
+        return None
+    assert cfg.data.num_classes is not None
+    masks = (D.load_mask(item.mask, item.mask_encoding) for item in labeled.items)
+    cap = cfg.semi.area_cap * largest_crop_share(masks, cfg.data.num_classes, crop_hw(cfg))
+    log.info("pseudo-label area caps (semi.area_cap): %s", " ".join(f"{100 * v:.0f}%" for v in cap.tolist()))
+    return cap

@@ -17,11 +17,14 @@ import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
 from ..models.memory import SemanticMemory
+from ..utils.sizes import to_pair
+from .evaluate import Size2, sliding_windows
 
 __all__ = [
     "collapsed_classes",
     "dominant_class",
     "labeled_class_share",
+    "largest_crop_share",
     "loss_ratio",
     "memory_diversity",
     "miou_drop",
@@ -126,6 +129,32 @@ def labeled_class_share(masks: Iterable[np.ndarray], num_classes: int) -> torch.
         values = np.asarray(mask).reshape(-1)
         counts += np.bincount(values[values < num_classes], minlength=num_classes)[:num_classes]
     return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
+
+
+def _window_sums(binary: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Counts of True pixels of ``binary (H, W)`` in each ``(y0, y1, x0, x1)`` row of ``boxes (N, 4)`` (summed-area
+    table)."""
+    table = np.pad(binary.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    y0, y1, x0, x1 = boxes.T
+    return table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+
+
+def largest_crop_share(masks: Iterable[np.ndarray], num_classes: int, crop: Size2) -> torch.Tensor:
+    """``(K,)`` the largest share each class takes of a crop-sized window of a labeled mask (``semi.area_cap``).
+
+    Windows of the crop's size (clipped to the mask) every half crop, edge windows shifted inside; a share counts
+    the window's non-ignored pixels. A class absent from every mask gets 0.
+    """
+    crop_h, crop_w = to_pair(crop)
+    best = np.zeros(num_classes, dtype=np.float64)
+    for mask in masks:
+        m = np.asarray(mask)
+        wh, ww = min(crop_h, m.shape[0]), min(crop_w, m.shape[1])
+        boxes = np.array(sliding_windows(m.shape[0], m.shape[1], (wh, ww), (max(1, wh // 2), max(1, ww // 2))))
+        valid = np.maximum(_window_sums(m < num_classes, boxes), 1)
+        for k in range(num_classes):
+            best[k] = max(best[k], float((_window_sums(m == k, boxes) / valid).max()))
+    return torch.from_numpy(best).float()
 
 
 def miou_drop(best: float, current: float) -> float:

@@ -51,7 +51,7 @@ from ..optim import build_optimizer, param_groups, set_lr
 from ..utils import upcast
 from ..utils.progress import Progress
 from .accumulation import MicroStepMemory, gradients_finite, seed_micro_step
-from .data import DataBundle, prepare_data
+from .data import DataBundle, prepare_data, pseudo_label_area_cap
 from .diagnostics import loss_ratio, memory_diversity, pseudo_label_counts, stats_from_counts
 from .evaluate import evaluate
 from .guard import CollapseGuard, CollapseMonitor, TrainingCollapsed, watched_labeled_share
@@ -182,6 +182,7 @@ class Trainer:
             net = torch.compile(net)
         self.net = net
         criterion = build_loss(t.loss, thresh=t.ohem_thresh, min_kept=t.ohem_min_kept)
+        area_cap = pseudo_label_area_cap(cfg, self.bundle.labeled)
         self.ctx = StepContext(
             cfg=cfg,
             net=net,
@@ -190,6 +191,7 @@ class Trainer:
             device=env.device,
             autocast=_autocast_factory(t.precision, env.device),
             channels_last=t.channels_last,
+            area_cap=None if area_cap is None else area_cap.to(env.device),
         )
         self.recipe = RECIPES[cfg.method]
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]

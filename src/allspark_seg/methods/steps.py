@@ -47,6 +47,7 @@ __all__ = [
     "cutmix",
     "ema_update",
     "make_ema",
+    "oversized_classes",
     "pseudo_labels",
     "reads_memory",
     "self_training_step",
@@ -74,6 +75,8 @@ class StepContext:
         device: Where tensors go.
         channels_last: Move images to channels-last memory format.
         step: The optimiser step being taken (set by the loop; drives ``semi.unsup_start``/``unsup_rampup``).
+        area_cap: ``(K,)`` per-class share above which an image's pseudo-labels of the class are ignored
+            (``semi.area_cap`` times :func:`~allspark_seg.engine.diagnostics.largest_crop_share`), or None.
     """
 
     cfg: RunConfig
@@ -84,6 +87,7 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
     step: int = 0
+    area_cap: torch.Tensor | None = None
 
     def images(self, batch: Batch, key: str = "image") -> torch.Tensor:
         """An image batch on the device (and in channels-last when asked)."""
@@ -148,6 +152,7 @@ def pseudo_labels(
     conf_thresh: float = 0.0,
     ignore: torch.Tensor | None = None,
     class_thresh: bool = False,
+    area_cap: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels from teacher logits.
 
@@ -156,6 +161,9 @@ def pseudo_labels(
         conf_thresh: Pixels whose top probability is below it are marked 255.
         ignore: Optional ``(B, H, W)`` bool, True on padding; those pixels are marked 255.
         class_thresh: Threshold each pixel at its class's :func:`class_thresholds` instead of ``conf_thresh``.
+        area_cap: Optional ``(K,)`` largest plausible share of an image per class (``semi.area_cap``): in an image
+            where the teacher's arg max gives class ``c`` more of the valid pixels than ``area_cap[c]``, the pixels
+            of ``c`` are marked 255.
 
     Returns:
         ``(labels (B, H, W) int64, confidence (B, H, W), valid (B, H, W) bool)`` where ``valid`` excludes only the
@@ -170,7 +178,26 @@ def pseudo_labels(
         keep = valid & (confidence >= thresholds[labels])
     else:
         keep = valid & (confidence >= conf_thresh)
+    if area_cap is not None:
+        keep = keep & ~oversized_classes(labels, valid, area_cap).gather(1, labels.flatten(1)).view_as(labels)
     return labels.masked_fill(~keep, IGNORE_INDEX), confidence, valid
+
+
+def oversized_classes(labels: torch.Tensor, valid: torch.Tensor, area_cap: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` bool: class ``c`` covers more than ``area_cap[c]`` of image ``b``'s valid pixels.
+
+    Args:
+        labels: ``(B, H, W)`` arg max classes.
+        valid: ``(B, H, W)`` bool, False on padding.
+        area_cap: ``(K,)`` shares.
+    """
+    num_classes = area_cap.shape[0]
+    bins = torch.where(valid, labels, num_classes).flatten(1)
+    counts = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device).scatter_add_(
+        1, bins, torch.ones_like(bins, dtype=torch.float32)
+    )[:, :num_classes]
+    share = counts / valid.flatten(1).sum(1, keepdim=True).clamp_min(1)
+    return share > area_cap.to(share.device)
 
 
 def class_thresholds(
@@ -232,7 +259,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
     x_u = ctx.images(batch_u)
     guide = teacher_logits(ctx, x_u)
     ignore = batch_u["ignore"].to(ctx.device) if semi.ignore_padding and "ignore" in batch_u else None
-    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh)
+    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh, ctx.area_cap)
     allspark = ctx.cfg.model.allspark.enabled
     with ctx.autocast():
         logits_l, logits_u = ctx.net(
@@ -293,7 +320,7 @@ def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None,
     x_w = ctx.images(batch_u)
     guide = teacher_logits(ctx, x_w)  # (B_u, K, H, W)
     ignore = batch_u["ignore"].to(ctx.device) if semi.ignore_padding and "ignore" in batch_u else None
-    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh)
+    labels, confidence, valid = pseudo_labels(guide, semi.conf_thresh, ignore, semi.class_thresh, ctx.area_cap)
 
     images, targets, guides = [], [], []
     if semi.feature_perturbation:
