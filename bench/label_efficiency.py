@@ -7,9 +7,10 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - ``all-labels``: ``supervised`` with every training image labeled (budget + unlabeled images: the upper bound);
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
   and the tuned recipes of :data:`RECIPES`;
-- two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` learning from a frozen teacher, the
-  same seed's ``labels-only`` run (round 1), then the student of the round before (rounds 2 to 4); these rows are
-  trained after the runs they learn from;
+- two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` with the size prior
+  ``semi.area_cap=1`` learning from a frozen teacher, the same seed's ``labels-only`` run (round 1), then the
+  student of the round before (rounds 2 and 3); in :data:`ABLATION_STUDIES`, the same rounds without the size prior
+  (rounds 1 to 4); these rows are trained after the runs they learn from;
 - ``labels-only-3200it``: labels-only trained twice as long, to see whether the baseline's schedule is long enough;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
@@ -100,18 +101,32 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("unimatch", 1, "method=unimatch"),
     ("allspark+", 3, "method=allspark+"),
     ("fixmatch+class_thresh", 3, "method=fixmatch semi.class_thresh=true"),
+    ("fixmatch+class_thresh+area_cap", 1, "method=fixmatch semi.class_thresh=true semi.area_cap=1"),
 )
 
 #: Rows trained after every row above (and the stages before) has finished: each learns from a frozen teacher
 #: (``semi.teacher_checkpoint``), the ``last.pt`` of the same seed's run of an earlier row (``{runs}``: the study's
-#: runs folder; the experiment command expands ``{seed}``).
+#: runs folder; the experiment command expands ``{seed}``). Rounds with the size prior (``semi.area_cap``) in every
+#: study; the rounds without it (its ablation) in :data:`ABLATION_STUDIES` only.
 _FMCT = "method=fixmatch semi.class_thresh=true semi.teacher_checkpoint={runs}"
+_CAPPED = "method=fixmatch semi.class_thresh=true semi.area_cap=1 semi.teacher_checkpoint={runs}"
 TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
-    (("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),),
-    (("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),),
-    (("fixmatch+teacher_r3", 3, _FMCT + "/fixmatch+teacher_r2/seed{{seed}}/last.pt"),),
+    (
+        ("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),
+        ("fixmatch+teacher+area_cap", 3, _CAPPED + "/labels-only/seed{{seed}}/last.pt"),
+    ),
+    (
+        ("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),
+        ("fixmatch+teacher+area_cap_r2", 3, _CAPPED + "/fixmatch+teacher+area_cap/seed{{seed}}/last.pt"),
+    ),
+    (
+        ("fixmatch+teacher_r3", 3, _FMCT + "/fixmatch+teacher_r2/seed{{seed}}/last.pt"),
+        ("fixmatch+teacher+area_cap_r3", 3, _CAPPED + "/fixmatch+teacher+area_cap_r2/seed{{seed}}/last.pt"),
+    ),
     (("fixmatch+teacher_r4", 3, _FMCT + "/fixmatch+teacher_r3/seed{{seed}}/last.pt"),),
 )
+#: The studies that also train the ablation rows (the teacher rounds without the size prior).
+ABLATION_STUDIES = (("shapes", 24),)
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
 SCRATCH_STUDY = ("shapes", 48)
@@ -128,8 +143,9 @@ def variants(task: Task, budget: int, folder: Path, stages: int = len(TEACHER_ST
     rows = list(RECIPES)
     if (task.name, budget) == SCRATCH_STUDY:
         rows += SCRATCH_RECIPES
+    ablation = (task.name, budget) in ABLATION_STUDIES
     for stage in TEACHER_STAGES[:stages]:
-        rows += stage
+        rows += [row for row in stage if ablation or "area_cap" in row[0]]
     return [
         f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows

@@ -33,8 +33,12 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
                 "fixmatch+class_thresh",
             ):
                 assert seeds[key] == [0, 1, 2]
+            capped = ("labels-only", "fixmatch+teacher+area_cap", *(f"fixmatch+teacher+area_cap_r{k}" for k in (2, 3)))
             rounds = ("labels-only", "fixmatch+teacher", *(f"fixmatch+teacher_r{k}" for k in (2, 3, 4)))
-            for teacher, key in itertools.pairwise(rounds):
+            ablation = (task.name, budget) in LE.ABLATION_STUDIES
+            assert ("fixmatch+teacher" in seeds) == ablation
+            pairs = [*itertools.pairwise(capped), *(itertools.pairwise(rounds) if ablation else ())]
+            for teacher, key in pairs:
                 assert seeds[key] == [0, 1, 2]
                 for run in (r for r in runs if r.setting.name == key):
                     path = tmp_path / "runs" / teacher / f"seed{run.seed}" / "last.pt"
