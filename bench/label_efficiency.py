@@ -6,8 +6,9 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - ``labels-only``: ``supervised`` on the few labeled images (the baseline to beat);
 - ``all-labels``: ``supervised`` with every training image labeled (budget + unlabeled images: the upper bound);
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
-  and the tuned recipes of :data:`RECIPES`;
-- two-stage self-training (:data:`TEACHER_STAGES`): ``fixmatch+class_thresh`` with the size prior
+  and the tuned recipes of :data:`RECIPES` (``fixmatch`` with per-class thresholds, with and without the size prior
+  ``semi.area_cap=1``; ``allspark+`` with it, trained last);
+- two-stage self-training (:data:`STAGES`): ``fixmatch+class_thresh`` with the size prior
   ``semi.area_cap=1`` learning from a frozen teacher, the same seed's ``labels-only`` run (round 1), then the
   student of the round before (rounds 2 and 3); in :data:`ABLATION_STUDIES`, the same rounds without the size prior
   (rounds 1 to 4); these rows are trained after the runs they learn from;
@@ -101,16 +102,17 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("unimatch", 1, "method=unimatch"),
     ("allspark+", 3, "method=allspark+"),
     ("fixmatch+class_thresh", 3, "method=fixmatch semi.class_thresh=true"),
-    ("fixmatch+class_thresh+area_cap", 1, "method=fixmatch semi.class_thresh=true semi.area_cap=1"),
+    ("fixmatch+class_thresh+area_cap", 3, "method=fixmatch semi.class_thresh=true semi.area_cap=1"),
 )
 
-#: Rows trained after every row above (and the stages before) has finished: each learns from a frozen teacher
-#: (``semi.teacher_checkpoint``), the ``last.pt`` of the same seed's run of an earlier row (``{runs}``: the study's
-#: runs folder; the experiment command expands ``{seed}``). Rounds with the size prior (``semi.area_cap``) in every
-#: study; the rounds without it (its ablation) in :data:`ABLATION_STUDIES` only.
+#: Rows trained in stages after every row above (and the stages before) has finished. The teacher rounds: each learns
+#: from a frozen teacher (``semi.teacher_checkpoint``), the ``last.pt`` of the same seed's run of an earlier row
+#: (``{runs}``: the study's runs folder; the experiment command expands ``{seed}``); with the size prior
+#: (``semi.area_cap``) in every study, without it (its ablation) in :data:`ABLATION_STUDIES` only. Last, the rows
+#: that nothing waits for and that are slow, so that the rounds start sooner.
 _FMCT = "method=fixmatch semi.class_thresh=true semi.teacher_checkpoint={runs}"
 _CAPPED = "method=fixmatch semi.class_thresh=true semi.area_cap=1 semi.teacher_checkpoint={runs}"
-TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
+STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
     (
         ("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),
         ("fixmatch+teacher+area_cap", 3, _CAPPED + "/labels-only/seed{{seed}}/last.pt"),
@@ -124,6 +126,7 @@ TEACHER_STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
         ("fixmatch+teacher+area_cap_r3", 3, _CAPPED + "/fixmatch+teacher+area_cap_r2/seed{{seed}}/last.pt"),
     ),
     (("fixmatch+teacher_r4", 3, _FMCT + "/fixmatch+teacher_r3/seed{{seed}}/last.pt"),),
+    (("allspark++area_cap", 1, "method=allspark+ semi.area_cap=1"),),
 )
 #: The studies that also train the ablation rows (the teacher rounds without the size prior).
 ABLATION_STUDIES = (("shapes", 24),)
@@ -138,13 +141,13 @@ SCRATCH_RECIPES: tuple[tuple[str, int, str], ...] = (
 )
 
 
-def variants(task: Task, budget: int, folder: Path, stages: int = len(TEACHER_STAGES)) -> list[str]:
-    """The ``--variant`` strings of one study (in ``folder``), with the first ``stages`` teacher stages."""
+def variants(task: Task, budget: int, folder: Path, stages: int = len(STAGES)) -> list[str]:
+    """The ``--variant`` strings of one study (in ``folder``), with the rows of the first ``stages`` stages."""
     rows = list(RECIPES)
     if (task.name, budget) == SCRATCH_STUDY:
         rows += SCRATCH_RECIPES
     ablation = (task.name, budget) in ABLATION_STUDIES
-    for stage in TEACHER_STAGES[:stages]:
+    for stage in STAGES[:stages]:
         rows += [row for row in stage if ablation or "area_cap" in row[0]]
     return [
         f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
@@ -183,9 +186,9 @@ def run(out: Path, jobs: int, plan: Sequence[tuple[Task, int]], quick: bool, tra
         if quick:
             overrides += ["train.iterations=60", "train.eval_every=30", "data.synthetic.num_val=20"]
         folder = (out / f"{task.name}-{budget}").resolve()
-        # The rows without a teacher, then each teacher stage once the runs it learns from are finished; the last
-        # call (every row) writes the study's report.
-        for stages in range(len(TEACHER_STAGES) + 1) if train else [len(TEACHER_STAGES)]:
+        # The rows of RECIPES, then each stage once the runs it learns from are finished; the last call (every row)
+        # writes the study's report.
+        for stages in range(len(STAGES) + 1) if train else [len(STAGES)]:
             result = run_experiment(
                 CONFIG,
                 folder,
