@@ -32,7 +32,7 @@ from allspark_seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
-NAMES = ["labels-only", "allspark+", "fixmatch+class_thresh", "all-labels"]
+NAMES = ["labels-only", "allspark+", "fixmatch+teacher+area_cap", "all-labels"]
 TINY = [
     "model.head_dim=32",
     "data.crop_size=64",
@@ -67,7 +67,8 @@ def test_recipes_share_everything_but_the_method_and_the_labels() -> None:
             NAMES[:3], s.num_labeled
         )
         assert [c.method for c in cfgs.values()] == ["supervised", "allspark+", "fixmatch", "supervised"]
-        assert cfgs["fixmatch+class_thresh"].semi.class_thresh and cfgs["allspark+"].model.allspark.enabled
+        best = cfgs["fixmatch+teacher+area_cap"].semi
+        assert best.class_thresh and best.area_cap == 1 and cfgs["allspark+"].model.allspark.enabled
     quick = demo_config("allspark", quick=True)
     assert quick.train.iterations < demo_config("allspark").train.iterations
     assert len(QUICK_OVERRIDES) == len(set(QUICK_OVERRIDES))
@@ -80,7 +81,7 @@ def _result(name: str, miou: float) -> RecipeResult:
 def test_gap_closed_and_verdict() -> None:
     runs = {n: _result(n, m) for n, m in zip(NAMES, [0.50, 0.56, 0.60, 0.70], strict=True)}
     assert gap_closed(runs, "allspark+") == pytest.approx(0.3)
-    assert gap_closed(runs, "fixmatch+class_thresh") == pytest.approx(0.5)
+    assert gap_closed(runs, "fixmatch+teacher+area_cap") == pytest.approx(0.5)
     assert gap_closed(runs, "labels-only") is None and gap_closed(runs, "all-labels") is None
     text = verdict(runs)
     assert text.startswith("labels-only ends at 50.0 mIoU; allspark+ ends at 56.0 mIoU, 6.0 points above labels-only")
@@ -118,7 +119,9 @@ def test_tiny_demo_writes_table_pictures_and_page(tmp_path: Path) -> None:
     assert summary["runs"]["allspark+"]["miou"] == result.runs["allspark+"].miou
     assert summary["runs"]["allspark+"]["gap_closed"] == gap_closed(result.runs, "allspark+")
     sizes = {n: summary["runs"][n]["config"]["data"]["synthetic"]["num_labeled"] for n in NAMES}
-    assert sizes == {"labels-only": 4, "allspark+": 4, "fixmatch+class_thresh": 4, "all-labels": 12}
+    assert sizes == {"labels-only": 4, "allspark+": 4, "fixmatch+teacher+area_cap": 4, "all-labels": 12}
+    teacher = summary["runs"]["fixmatch+teacher+area_cap"]["config"]["semi"]["teacher_checkpoint"]
+    assert teacher == str((tmp_path / "demo" / "labels-only" / "last.pt").resolve())
     roots = {n: summary["runs"][n]["config"]["data"]["root"] for n in NAMES}
     assert len(set(roots.values())) == 2 and len(list(Path(roots["all-labels"], "labeled", "images").iterdir())) == 12
     val = [sorted(p.read_bytes() for p in Path(root, "val", "images").iterdir()) for root in set(roots.values())]

