@@ -14,6 +14,7 @@ from torch import nn
 from allspark_seg.data import load_mask
 from allspark_seg.dist import DistEnv
 from allspark_seg.engine.diagnostics import largest_crop_share
+from allspark_seg.engine.evaluate import sliding_windows
 from allspark_seg.engine.recipes import (
     RECIPES,
     StepContext,
@@ -119,6 +120,20 @@ def test_largest_crop_share_over_crop_sized_windows_of_the_labeled_masks():
     torch.testing.assert_close(largest_crop_share([mask], 3, (4, 8)), torch.tensor([1.0, 0.5, 0.0]))
     two = largest_crop_share([mask, np.full((4, 4), 2, np.uint8)], 3, 8)  # the larger mask's crop is clipped
     torch.testing.assert_close(two, torch.tensor([47 / 63, 16 / 63, 1.0]))
+
+
+def test_largest_crop_share_of_a_large_crop_from_subsampled_masks_is_within_a_point_of_the_exact_one():
+    yy, xx = np.mgrid[:700, :900]
+    mask = np.zeros((700, 900), np.uint8)
+    mask[100:400, 50:330] = 1
+    mask[(yy - 500) ** 2 + (xx - 600) ** 2 < 150**2] = 2
+    mask[600:, :200] = 255
+    exact = np.zeros(3)
+    for y0, y1, x0, x1 in sliding_windows(700, 900, 320, 160):  # every window at full resolution
+        window = mask[y0:y1, x0:x1]
+        exact = np.maximum(exact, [(window == k).sum() / (window < 3).sum() for k in range(3)])
+    approx = largest_crop_share([mask], 3, 320).double().numpy()  # every 5th pixel
+    assert np.abs(approx - exact).max() < 0.01, (approx, exact)
 
 
 def test_unsup_scale_waits_then_ramps_up():

@@ -143,12 +143,16 @@ def largest_crop_share(masks: Iterable[np.ndarray], num_classes: int, crop: Size
     """``(K,)`` the largest share each class takes of a crop-sized window of a labeled mask (``semi.area_cap``).
 
     Windows of the crop's size (clipped to the mask) every half crop, edge windows shifted inside; a share counts
-    the window's non-ignored pixels. A class absent from every mask gets 0.
+    the window's non-ignored pixels. A class absent from every mask gets 0. Crops larger than 128 pixels are measured
+    on every ``step``-th pixel of the masks (``step = min(crop) // 64``, about 64 samples per crop side), which keeps
+    a 1024 x 2048 mask at a few milliseconds and moves a share by a fraction of a point.
     """
     crop_h, crop_w = to_pair(crop)
+    step = max(1, min(crop_h, crop_w) // 64)
+    crop_h, crop_w = max(1, round(crop_h / step)), max(1, round(crop_w / step))
     best = np.zeros(num_classes, dtype=np.float64)
     for mask in masks:
-        m = np.asarray(mask)
+        m = np.asarray(mask)[::step, ::step]
         wh, ww = min(crop_h, m.shape[0]), min(crop_w, m.shape[1])
         boxes = np.array(sliding_windows(m.shape[0], m.shape[1], (wh, ww), (max(1, wh // 2), max(1, ww // 2))))
         valid = np.maximum(_window_sums(m < num_classes, boxes), 1)
