@@ -10,8 +10,10 @@ For every task and label budget it trains, on the same data and schedule (``conf
   ``semi.area_cap=1``; ``allspark+`` with it, trained last);
 - two-stage self-training (:data:`STAGES`): ``fixmatch+class_thresh`` with the size prior
   ``semi.area_cap=1`` learning from a frozen teacher, the same seed's ``labels-only`` run (round 1), then the
-  student of the round before (rounds 2 and 3); in :data:`ABLATION_STUDIES`, the same rounds without the size prior
-  (rounds 1 to 4); these rows are trained after the runs they learn from;
+  student of the round before (rounds 2 and 3); ``fixmatch+class_thresh+area_cap_r2``: a second round whose teacher
+  is the same seed's ``fixmatch+class_thresh+area_cap`` run (a self-taught first round); in
+  :data:`ABLATION_STUDIES`, the rounds without the size prior (rounds 1 to 4); these rows are trained after the
+  runs they learn from;
 - ``labels-only-3200it``: labels-only trained twice as long, to see whether the baseline's schedule is long enough;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
@@ -116,6 +118,7 @@ STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
     (
         ("fixmatch+teacher", 3, _FMCT + "/labels-only/seed{{seed}}/last.pt"),
         ("fixmatch+teacher+area_cap", 3, _CAPPED + "/labels-only/seed{{seed}}/last.pt"),
+        ("fixmatch+class_thresh+area_cap_r2", 3, _CAPPED + "/fixmatch+class_thresh+area_cap/seed{{seed}}/last.pt"),
     ),
     (
         ("fixmatch+teacher_r2", 3, _FMCT + "/fixmatch+teacher/seed{{seed}}/last.pt"),

@@ -38,6 +38,7 @@ def test_every_planned_run_has_a_valid_config_and_the_promised_seeds(tmp_path: P
             ablation = (task.name, budget) in LE.ABLATION_STUDIES
             assert ("fixmatch+teacher" in seeds) == ablation
             pairs = [*itertools.pairwise(capped), *(itertools.pairwise(rounds) if ablation else ())]
+            pairs.append(("fixmatch+class_thresh+area_cap", "fixmatch+class_thresh+area_cap_r2"))
             for teacher, key in pairs:
                 assert seeds[key] == [0, 1, 2]
                 for run in (r for r in runs if r.setting.name == key):
