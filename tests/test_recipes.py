@@ -118,7 +118,7 @@ def test_largest_crop_share_over_crop_sized_windows_of_the_labeled_masks():
     torch.testing.assert_close(whole, torch.tensor([47 / 63, 16 / 63, 0.0]))
     torch.testing.assert_close(largest_crop_share([mask], 3, 4), torch.tensor([1.0, 1.0, 0.0]))  # a crop on it
     torch.testing.assert_close(largest_crop_share([mask], 3, (4, 8)), torch.tensor([1.0, 0.5, 0.0]))
-    two = largest_crop_share([mask, np.full((4, 4), 2, np.uint8)], 3, 8)  # the larger mask's crop is clipped
+    two = largest_crop_share([mask, np.full((4, 4), 2, np.uint8)], 3, 8)  # a mask smaller than the crop: one window
     torch.testing.assert_close(two, torch.tensor([47 / 63, 16 / 63, 1.0]))
 
 
