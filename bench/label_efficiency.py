@@ -131,7 +131,8 @@ STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
     (("fixmatch+teacher_r4", 3, _FMCT + "/fixmatch+teacher_r3/seed{{seed}}/last.pt"),),
     (("allspark++area_cap", 1, "method=allspark+ semi.area_cap=1"),),
 )
-#: The studies that also train the ablation rows (the teacher rounds without the size prior).
+#: The ablation rows of :data:`STAGES` (the teacher rounds without the size prior) and the studies that train them.
+ABLATION_ROWS = frozenset(f"fixmatch+teacher{suffix}" for suffix in ("", "_r2", "_r3", "_r4"))
 ABLATION_STUDIES = (("shapes", 24),)
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
@@ -151,7 +152,7 @@ def variants(task: Task, budget: int, folder: Path, stages: int = len(STAGES)) -
         rows += SCRATCH_RECIPES
     ablation = (task.name, budget) in ABLATION_STUDIES
     for stage in STAGES[:stages]:
-        rows += [row for row in stage if ablation or "area_cap" in row[0]]
+        rows += [row for row in stage if ablation or row[0] not in ABLATION_ROWS]
     return [
         f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows
