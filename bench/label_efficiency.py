@@ -7,7 +7,7 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - ``all-labels``: ``supervised`` with every training image labeled (budget + unlabeled images: the upper bound);
 - the semi-supervised recipes ``selftrain``, ``allspark`` (faithful), ``fixmatch``, ``unimatch``, ``allspark+``
   and the tuned recipes of :data:`RECIPES` (``fixmatch`` with per-class thresholds, with and without the size prior
-  ``semi.area_cap=1``; ``allspark+`` with it, trained last);
+  ``semi.area_cap=1``; ``allspark+`` with it);
 - two-stage self-training (:data:`STAGES`): ``fixmatch+class_thresh`` with the size prior
   ``semi.area_cap=1`` learning from a frozen teacher, the same seed's ``labels-only`` run (round 1), then the
   student of the round before (rounds 2 and 3); ``fixmatch+class_thresh+area_cap_r2``: a second round whose teacher
@@ -17,7 +17,8 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - ``labels-only-3200it``: labels-only trained twice as long, to see whether the baseline's schedule is long enough;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
-Rows marked with 3 seeds get seeds 0, 1, 2; the others seed 0. Each (task, budget) is one ``allspark-seg
+Rows marked with 3 seeds get seeds 0, 1, 2 (the rows of the recipe search, :data:`SEARCH_ROWS`, only at each task's
+first budget); the others seed 0. Each (task, budget) is one ``allspark-seg
 experiment`` study in ``OUT/<task>-<budget>/`` (finished runs are skipped and unfinished ones resume, so the command
 can be stopped and started again), and ``OUT/label_efficiency.md``/``.json`` gather every study into one table:
 mean ± sample std of the best validation mIoU, the gap closed ``(semi - few) / (all - few)`` and the difference to
@@ -105,13 +106,13 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("allspark+", 3, "method=allspark+"),
     ("fixmatch+class_thresh", 3, "method=fixmatch semi.class_thresh=true"),
     ("fixmatch+class_thresh+area_cap", 3, "method=fixmatch semi.class_thresh=true semi.area_cap=1"),
+    ("allspark++area_cap", 1, "method=allspark+ semi.area_cap=1"),
 )
 
 #: Rows trained in stages after every row above (and the stages before) has finished. The teacher rounds: each learns
 #: from a frozen teacher (``semi.teacher_checkpoint``), the ``last.pt`` of the same seed's run of an earlier row
 #: (``{runs}``: the study's runs folder; the experiment command expands ``{seed}``); with the size prior
-#: (``semi.area_cap``) in every study, without it (its ablation) in :data:`ABLATION_STUDIES` only. Last, the rows
-#: that nothing waits for and that are slow, so that the rounds start sooner.
+#: (``semi.area_cap``) in every study, without it (its ablation) in :data:`ABLATION_STUDIES` only.
 _FMCT = "method=fixmatch semi.class_thresh=true semi.teacher_checkpoint={runs}"
 _CAPPED = "method=fixmatch semi.class_thresh=true semi.area_cap=1 semi.teacher_checkpoint={runs}"
 STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
@@ -129,11 +130,15 @@ STAGES: tuple[tuple[tuple[str, int, str], ...], ...] = (
         ("fixmatch+teacher+area_cap_r3", 3, _CAPPED + "/fixmatch+teacher+area_cap_r2/seed{{seed}}/last.pt"),
     ),
     (("fixmatch+teacher_r4", 3, _FMCT + "/fixmatch+teacher_r3/seed{{seed}}/last.pt"),),
-    (("allspark++area_cap", 1, "method=allspark+ semi.area_cap=1"),),
 )
 #: The ablation rows of :data:`STAGES` (the teacher rounds without the size prior) and the studies that train them.
 ABLATION_ROWS = frozenset(f"fixmatch+teacher{suffix}" for suffix in ("", "_r2", "_r3", "_r4"))
 ABLATION_STUDIES = (("shapes", 24),)
+#: Rows of the recipe search: three seeds at each task's first budget, where the recipes were compared, one at the
+#: second, which confirms the best recipe (its three seeds: ``fixmatch+class_thresh+area_cap`` and ``_r2``).
+SEARCH_ROWS = frozenset(
+    ("labels-only-3200it", "fixmatch+class_thresh", *(f"fixmatch+teacher+area_cap{s}" for s in ("", "_r2", "_r3")))
+)
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
 SCRATCH_STUDY = ("shapes", 48)
@@ -153,8 +158,10 @@ def variants(task: Task, budget: int, folder: Path, stages: int = len(STAGES)) -
     ablation = (task.name, budget) in ABLATION_STUDIES
     for stage in STAGES[:stages]:
         rows += [row for row in stage if ablation or row[0] not in ABLATION_ROWS]
+    search = budget == task.budgets[0]
     return [
-        f"{name.replace(' ', '_')}@{seeds}:{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
+        f"{name.replace(' ', '_')}@{seeds if search or name not in SEARCH_ROWS else 1}:"
+        f"{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows
     ]
 
