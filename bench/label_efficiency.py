@@ -14,7 +14,8 @@ For every task and label budget it trains, on the same data and schedule (``conf
   is the same seed's ``fixmatch+class_thresh+area_cap`` run (a self-taught first round); in
   :data:`ABLATION_STUDIES`, the rounds without the size prior (rounds 1 to 4); these rows are trained after the
   runs they learn from;
-- ``labels-only-3200it``: labels-only trained twice as long, to see whether the baseline's schedule is long enough;
+- ``labels-only-3200it``, ``all-labels-3200it``: both baselines trained twice as long (as many labeled images as a
+  semi-supervised run sees labeled and unlabeled ones), to see whether their schedule is long enough;
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2 (the rows of the recipe search, :data:`SEARCH_ROWS`, only at each task's
@@ -99,6 +100,7 @@ RECIPES: tuple[tuple[str, int, str], ...] = (
     ("labels-only", 3, "method=supervised"),
     ("labels-only-3200it", 3, "method=supervised train.iterations=3200"),  # is the baseline's schedule long enough?
     ("all-labels", 3, "method=supervised data.synthetic.num_labeled={all}"),
+    ("all-labels-3200it", 1, "method=supervised data.synthetic.num_labeled={all} train.iterations=3200"),
     ("selftrain", 1, "method=selftrain"),
     ("allspark", 3, "method=allspark"),
     ("fixmatch", 1, "method=fixmatch"),
