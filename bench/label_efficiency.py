@@ -19,9 +19,9 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2 (the rows of the recipe search, :data:`SEARCH_ROWS`, only at each task's
-first budget); the others seed 0. Each (task, budget) is one ``allspark-seg
-experiment`` study in ``OUT/<task>-<budget>/`` (finished runs are skipped and unfinished ones resume, so the command
-can be stopped and started again), and ``OUT/label_efficiency.md``/``.json`` gather every study into one table:
+first budget); the others seed 0. Each (task, budget) is one ``allspark-seg experiment`` study in
+``OUT/<task>-<budget>/`` (finished runs are skipped and unfinished ones resume, so the command can be stopped and
+started again), and ``OUT/label_efficiency.md``/``.json`` gather every study into one table:
 mean ± sample std of the best validation mIoU, the gap closed ``(semi - few) / (all - few)`` and the difference to
 labels-only in units of their pooled std.
 
