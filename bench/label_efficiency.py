@@ -25,7 +25,7 @@ started again), and ``OUT/label_efficiency.md``/``.json`` gather every study int
 mean ± sample std of the best validation mIoU, the gap closed ``(semi - few) / (all - few)`` and the difference to
 labels-only in units of their pooled std.
 
-    python bench/label_efficiency.py --out runs/label_efficiency --jobs 2      # a few hours on a 2-core CPU
+    python bench/label_efficiency.py --out runs/label_efficiency --jobs 2      # about nine hours on a 2-core CPU
     python bench/label_efficiency.py --out runs/label_efficiency --jobs 2 --studies shapes-24,digits-4
     python bench/label_efficiency.py --out runs/label_efficiency --report-only
     python bench/label_efficiency.py --out /tmp/le --quick                    # 60 iterations per run, to try it
