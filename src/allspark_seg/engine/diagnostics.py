@@ -143,7 +143,7 @@ def largest_crop_share(masks: Iterable[np.ndarray], num_classes: int, crop: Size
     """``(K,)`` the largest share each class takes of a crop-sized window of a labeled mask (``semi.area_cap``).
 
     Windows of the crop's size (clipped to the mask) every half crop, edge windows shifted inside; a share counts
-    the window's non-ignored pixels. A class absent from every mask gets 0. Crops larger than 128 pixels are measured
+    the window's non-ignored pixels. A class absent from every mask gets 0. Crops of 128 pixels or more are measured
     on every ``step``-th pixel of the masks (``step = min(crop) // 64``, about 64 samples per crop side), which keeps
     a 1024 x 2048 mask at a few milliseconds and moves a share by a fraction of a point.
     """
