@@ -19,13 +19,13 @@ For every task and label budget it trains, on the same data and schedule (``conf
 - in one study (:data:`SCRATCH_STUDY`), MiT-B0 trained from scratch, for comparison.
 
 Rows marked with 3 seeds get seeds 0, 1, 2 (the rows of the recipe search, :data:`SEARCH_ROWS`, only at each task's
-first budget, unless they are the task's best recipe there, :data:`TASK_BEST`); the others seed 0. Each (task,
+first budget); the others seed 0; a task's best recipes (:data:`TASK_BEST`) get three seeds at every budget. Each (task,
 budget) is one ``allspark-seg experiment`` study in ``OUT/<task>-<budget>/`` (finished runs are skipped and unfinished
 ones resume, so the command can be stopped and started again), and ``OUT/label_efficiency.md``/``.json`` gather every
 study into one table: mean ± sample std of the best validation mIoU, the gap closed ``(semi - few) / (all - few)`` and
 the difference to labels-only in units of their pooled std.
 
-    python bench/label_efficiency.py --out runs/label_efficiency --jobs 2      # about nine hours on a 2-core CPU
+    python bench/label_efficiency.py --out runs/label_efficiency --jobs 2      # about ten hours on a 2-core CPU
     python bench/label_efficiency.py --out runs/label_efficiency --jobs 2 --studies shapes-24,digits-4
     python bench/label_efficiency.py --out runs/label_efficiency --report-only
     python bench/label_efficiency.py --out /tmp/le --quick                    # 60 iterations per run, to try it
@@ -141,8 +141,11 @@ ABLATION_STUDIES = (("shapes", 24),)
 SEARCH_ROWS = frozenset(
     ("labels-only-3200it", "fixmatch+class_thresh", *(f"fixmatch+teacher+area_cap{s}" for s in ("", "_r2", "_r3")))
 )
-#: A task's best recipe at its first budget, with the rounds that teach it: three seeds at the second budget too.
-TASK_BEST = {"shapes": frozenset(f"fixmatch+teacher+area_cap{s}" for s in ("", "_r2", "_r3"))}
+#: A task's best recipes at its first budget, three seeds at every budget: the best (with the rounds that teach it)
+#: and, where it is not ``allspark+``, the best that uses the AllSpark block.
+TASK_BEST = {
+    "shapes": frozenset(("allspark++area_cap", *(f"fixmatch+teacher+area_cap{s}" for s in ("", "_r2", "_r3"))))
+}
 
 #: The study that also trains MiT-B0 from scratch (no pretrained weights), for comparison.
 SCRATCH_STUDY = ("shapes", 48)
@@ -162,9 +165,10 @@ def variants(task: Task, budget: int, folder: Path, stages: int = len(STAGES)) -
     ablation = (task.name, budget) in ABLATION_STUDIES
     for stage in STAGES[:stages]:
         rows += [row for row in stage if ablation or row[0] not in ABLATION_ROWS]
-    three = SEARCH_ROWS - TASK_BEST.get(task.name, frozenset()) if budget != task.budgets[0] else frozenset()
+    best = TASK_BEST.get(task.name, frozenset())
+    one = SEARCH_ROWS - best if budget != task.budgets[0] else frozenset()
     return [
-        f"{name.replace(' ', '_')}@{1 if name in three else seeds}:"
+        f"{name.replace(' ', '_')}@{3 if name in best else 1 if name in one else seeds}:"
         f"{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows
     ]
