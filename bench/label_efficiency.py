@@ -166,9 +166,9 @@ def variants(task: Task, budget: int, folder: Path, stages: int = len(STAGES)) -
     for stage in STAGES[:stages]:
         rows += [row for row in stage if ablation or row[0] not in ABLATION_ROWS]
     best = TASK_BEST.get(task.name, frozenset())
-    one = SEARCH_ROWS - best if budget != task.budgets[0] else frozenset()
+    search = budget == task.budgets[0]
     return [
-        f"{name.replace(' ', '_')}@{3 if name in best else 1 if name in one else seeds}:"
+        f"{name.replace(' ', '_')}@{3 if name in best else 1 if name in SEARCH_ROWS and not search else seeds}:"
         f"{overrides.format(all=budget + UNLABELED, runs=folder / 'runs')}"
         for name, seeds, overrides in rows
     ]
