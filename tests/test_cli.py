@@ -264,7 +264,13 @@ def test_config_typos_are_one_sentence(trained: dict[str, Path], capsys: pytest.
     code, _, err = run_cli(["train", "-c", bad, "-o", tmp_path / "r"], capsys)
     assert_user_error(code, err, "Unknown config key 'trian'", "did you mean 'train'")
     code, _, err = run_cli(["train", "-c", trained["config"], "-o", tmp_path / "r", "--set", "train.lrr=0.1"], capsys)
-    assert_user_error(code, err, "train.lrr", "did you mean 'lr'")
+    assert_user_error(code, err, "Unknown config key 'train.lrr'", "did you mean 'train.lr'")
+    code, _, err = run_cli(["train", "-c", trained["config"], "-o", tmp_path / "r", "--set", "trian.lr=0.1"], capsys)
+    assert_user_error(code, err, "Unknown config key 'trian'", "did you mean 'train'")
+    nested = tmp_path / "nested_typo.yaml"
+    nested.write_text(yaml.safe_dump({**TINY, "train": {"lrr": 0.1}}))
+    code, _, err = run_cli(["train", "-c", nested, "-o", tmp_path / "r"], capsys)
+    assert_user_error(code, err, "Unknown config key 'train.lrr'", "did you mean 'train.lr'")
     code, _, err = run_cli(["train", "-c", trained["config"], "-o", tmp_path / "r", "--set", "train.lr=fast"], capsys)
     assert_user_error(code, err, "train.lr", "must be a number")
     assert not (tmp_path / "r" / "config.yaml").exists()  # validated before anything ran

@@ -70,11 +70,12 @@ def _yaml_float(text: str) -> float | str:
         return text
 
 
-def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
+def _unknown_key(prefix: str, name: str, valid: Iterable[str]) -> ConfigError:
+    """The error for ``name`` not among the ``valid`` keys of section ``prefix`` (``""`` or ending in a dot)."""
     valid = list(valid)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys here: {', '.join(valid)}"
-    return ConfigError(f"Unknown config key '{key}'{hint}.")
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys here: {', '.join(valid)}"
+    return ConfigError(f"Unknown config key '{prefix}{name}'{hint}.")
 
 
 def _from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -85,7 +86,7 @@ def _from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(prefix + str(key), names)
+            raise _unknown_key(prefix, str(key), names)
         tp = hints[key]
         kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.") if is_dataclass(tp) else _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -99,7 +100,7 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 def _set_in(cfg: Any, parts: list[str], raw: Any, key: str) -> Any:
     names = [f.name for f in fields(cfg)]
     if parts[0] not in names:
-        raise _unknown_key(key, names)
+        raise _unknown_key(key[: len(key) - len(".".join(parts))], parts[0], names)
     current = getattr(cfg, parts[0])
     if len(parts) > 1:
         if not is_dataclass(current):
