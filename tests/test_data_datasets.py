@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from allspark_seg import data
+from allspark_seg.constants import IGNORE_INDEX
 from allspark_seg.data.datasets import CITYSCAPES_ID_TO_TRAINID
 from allspark_seg.data.palette import palette_image, voc_colormap
 from allspark_seg.errors import ConfigError, DataError
@@ -274,11 +275,29 @@ def test_train_dataset_unlabeled_outputs(tmp_path: Path) -> None:
     for pipeline in data.PIPELINES:
         ds = data.TrainDataset(items, role="unlabeled", crop_size=24, pipeline=pipeline, seed=0, num_classes=3)
         with_gt = ds[(0, 0)]  # u0 has ground truth
-        without = ds[(2, 0)]
-        assert "mask" in with_gt and "mask" not in without
         assert with_gt["ignore"].dtype == torch.bool and with_gt["ignore"].any()  # 12x16 image padded to 24
-    keys = set(data.TrainDataset(items, role="unlabeled", crop_size=8, pipeline="unimatch", seed=0, num_classes=3)[2])
-    assert keys == {"image", "image_s1", "image_s2", "cutmix_box1", "cutmix_box2", "ignore"}
+        assert (with_gt["mask"] != IGNORE_INDEX).any()
+    images_only = data.open_split("folder", root, "unlabeled", num_classes=3, unlabeled_masks=False)
+    ds = data.TrainDataset(images_only, role="unlabeled", crop_size=8, pipeline="unimatch", seed=0, num_classes=3)
+    assert set(ds[2]) == {"image", "image_s1", "image_s2", "cutmix_box1", "cutmix_box2", "ignore"}
+
+
+def test_unlabeled_ground_truth_of_some_images_gives_every_sample_a_mask(tmp_path: Path) -> None:
+    """``unlabeled_masks/`` half filled: the images without one get an all-ignore mask (same augmentation), so
+    every batch collates in any order and the accuracy diagnostics count only the images with ground truth."""
+    root = folder_tree(tmp_path, unlabeled_masks=True)  # masks for u0 and u1 of u0..u5
+    items = data.open_split("folder", root, "unlabeled", num_classes=3)
+    images_only = data.open_split("folder", root, "unlabeled", num_classes=3, unlabeled_masks=False)
+    for pipeline in data.PIPELINES:
+        kwargs = {"role": "unlabeled", "crop_size": 8, "pipeline": pipeline, "seed": 0, "num_classes": 3}
+        ds, plain = data.TrainDataset(items, **kwargs), data.TrainDataset(images_only, **kwargs)
+        without = ds[(2, 0)]
+        assert without["mask"].shape == (8, 8) and bool((without["mask"] == IGNORE_INDEX).all())
+        for key, value in plain[(2, 0)].items():
+            assert torch.equal(without[key], value), key
+        for order in ([0, 2], [2, 0]):
+            batch = torch.utils.data.default_collate([ds[(i, 0)] for i in order])
+            assert batch["mask"].shape == (2, 8, 8)
 
 
 def test_train_dataset_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -148,6 +148,13 @@ def open_split(
             _warn_suspicious(report, k, f"{root} ({role})")
     with_gt = sum(item.mask is not None for item in items)
     log.info("%s %s: %d images (%d with masks) in %s", get_format(format).name, role, len(items), with_gt, root)
+    if role == "unlabeled" and 0 < with_gt < len(items):
+        log.warning(
+            "%d of %d unlabeled images in %s have ground truth: pseudo-label accuracy is measured on those only.",
+            with_gt,
+            len(items),
+            root,
+        )
     return items
 
 
@@ -227,6 +234,10 @@ class TrainDataset(Dataset):
         self.num_classes = num_classes
         self.length = len(self.items) if length is None else length
         self.ignore_index = ignore_index
+        # Ground truth of some unlabeled images only (``unlabeled_masks/`` half filled): the others get an all-ignore
+        # mask, so every sample of the set has the same keys (batches collate, processes log the same diagnostics)
+        # and pseudo-label accuracy is measured on the images that have ground truth.
+        self.fill_missing_masks = role == "unlabeled" and any(item.mask is not None for item in self.items)
 
     def __len__(self) -> int:
         return self.length
@@ -241,6 +252,8 @@ class TrainDataset(Dataset):
         """One augmented sample; ``key`` is ``(index, epoch)`` or an index (epoch 0). See ``apply_pipeline``."""
         index, epoch = _split_key(key)
         image, mask = load_item(self.item_at(index))
+        if mask is None and self.fill_missing_masks:
+            mask = np.full(image.shape[:2], self.ignore_index, dtype=np.uint8)
         rng = sample_rng(self.seed, epoch, index, ROLE_STREAMS[self.role])
         return apply_pipeline(self.pipeline, self.role, image, mask, rng, self.crop_size, self.ignore_index)
 
