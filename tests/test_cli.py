@@ -412,3 +412,15 @@ def test_eval_every_accepts_iterations_or_epoch_only(tmp_path: Path) -> None:
     for bad in ("train.eval_every=weekly", "train.eval_every=0"):
         with pytest.raises(ConfigError, match="train.eval_every"):
             load_config(REPO / "configs" / "synthetic_demo.yaml", [bad])
+
+
+@pytest.mark.parametrize("unlabeled", [400, 20_000])
+def test_default_validation_cadence_gives_ten_validations_whatever_the_epoch_length(
+    unlabeled: int, tmp_path: Path
+) -> None:
+    """``configs/folder.yaml`` (eval_every null) with a large unlabeled folder: an epoch longer than the run must not
+    leave a single validation at the end (best.pt would be the last step and the guard's mIoU check would not run)."""
+    cfg = load_config(REPO / "configs" / "folder.yaml", [f"data.root={tmp_path}", "train.iterations=2000"])
+    assert cfg.train.eval_every is None
+    plan = training_plan(cfg, unlabeled, world_size=1)
+    assert plan.total == 2000 and plan.total // plan.eval_every == 10

@@ -110,7 +110,7 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
     elif t.eval_every is not None:
         eval_every = t.eval_every
     else:
-        eval_every = max(spe, math.ceil(total / 10))
+        eval_every = math.ceil(total / 10)  # whatever the epoch's length: a large unlabeled set still gets 10
     return TrainingPlan(spe, total, warmup, eval_every)
 
 
