@@ -6,6 +6,7 @@ Only this module and the CLI read environment variables.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["DistEnv", "DistBatchNorm2d", "convert_sync_batchnorm", "destroy", "init_distributed", "unwrap"]
+__all__ = [
+    "DistBatchNorm2d",
+    "DistEnv",
+    "convert_sync_batchnorm",
+    "destroy",
+    "find_ddp",
+    "gradient_sync",
+    "init_distributed",
+    "unwrap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,26 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel wrapper in ``model``, looking through ``torch.compile`` wrappers (None if none)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model
+        if not hasattr(model, "_orig_mod"):
+            return None
+        model = model._orig_mod
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """The context of one micro-step's forward and backward: DDP's ``no_sync()`` unless ``sync``.
+
+    Found through ``torch.compile`` (an ``isinstance`` test on the compiled wrapper is false, and every micro-step
+    would all-reduce); a model without DDP always gets a null context.
+    """
+    ddp = None if sync else find_ddp(model)
+    return contextlib.nullcontext() if ddp is None else ddp.no_sync()
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):

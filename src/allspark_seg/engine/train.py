@@ -42,7 +42,7 @@ from torch import nn
 from ..config import RunConfig, dump_config
 from ..data import build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
-from ..dist import DistEnv, convert_sync_batchnorm, init_distributed
+from ..dist import DistEnv, convert_sync_batchnorm, gradient_sync, init_distributed
 from ..errors import AllSparkError
 from ..losses import build_loss
 from ..metrics import SegMetrics
@@ -295,8 +295,7 @@ class Trainer:
             batch_u = next(it_u) if it_u is not None else None
             seed_micro_step(t.seed, self.step, self.env.rank * t.grad_accum + k)
             self.micro_memory.begin(k)
-            sync = k == t.grad_accum - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.net.no_sync():
+            with gradient_sync(self.net, sync=k == t.grad_accum - 1):
                 out = self.recipe(self.ctx, batch_l, batch_u, use_memory=use_memory)
                 self.scaler.scale(out.loss / t.grad_accum).backward()
             loss = upcast(out.loss.detach())
