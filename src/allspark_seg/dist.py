@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,14 @@ from .errors import ConfigError
 __all__ = [
     "DistBatchNorm2d",
     "DistEnv",
+    "HALF_PRECISION_FLAGS",
     "convert_sync_batchnorm",
+    "cpu_flags",
     "destroy",
     "find_ddp",
     "gradient_sync",
     "init_distributed",
+    "slow_precision_warning",
     "unwrap",
 ]
 
@@ -108,6 +112,43 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+#: CPU flags (Linux ``/proc/cpuinfo``; x86 and Arm spellings) of the instructions that make a precision fast on a CPU.
+HALF_PRECISION_FLAGS: dict[str, tuple[str, ...]] = {
+    "bf16": ("avx512_bf16", "amx_bf16", "bf16"),
+    "fp16": ("avx512_fp16", "amx_fp16", "fphp"),
+}
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags (None where ``cpuinfo`` cannot be read, e.g. not on Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+def slow_precision_warning(precision: str, device: torch.device, flags: frozenset[str] | None) -> str | None:
+    """The warning for ``train.precision`` bf16 or fp16 on a CPU without instructions for it (None when fine).
+
+    Without them (an AVX2-only AMD EPYC, say) PyTorch emulates the type: an iteration takes several times the fp32
+    one (8x measured for MiT-B0 at crop 257 with bf16), so fp32 is the faster choice. Unknown flags give no warning.
+    """
+    if device.type != "cpu" or precision not in HALF_PRECISION_FLAGS or flags is None:
+        return None
+    wanted = HALF_PRECISION_FLAGS[precision]
+    if flags & set(wanted):
+        return None
+    return (
+        f"train.precision={precision} on a CPU without {precision} instructions ({' / '.join(wanted[:2])}): "
+        f"PyTorch emulates it and an iteration takes several times the fp32 one; train.precision=fp32 is faster here."
+    )
 
 
 def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:

@@ -42,7 +42,14 @@ from torch import nn
 from ..config import RunConfig, dump_config
 from ..data import build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
-from ..dist import DistEnv, convert_sync_batchnorm, gradient_sync, init_distributed
+from ..dist import (
+    DistEnv,
+    convert_sync_batchnorm,
+    cpu_flags,
+    gradient_sync,
+    init_distributed,
+    slow_precision_warning,
+)
 from ..errors import AllSparkError
 from ..losses import build_loss
 from ..metrics import SegMetrics
@@ -172,6 +179,9 @@ class Trainer:
         t = cfg.train
         self.optimizer = build_optimizer(t.optimizer, groups, t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+        slow = slow_precision_warning(t.precision, env.device, cpu_flags())
+        if slow and env.is_main:
+            log.warning(slow)
         self.step, self.best_miou, self.best_step = 0, -1.0, -1
         self.guard = CollapseGuard()
         self._resume(resume)
