@@ -245,8 +245,8 @@ class TrainConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         log_every: Iterations between log lines and ``metrics.jsonl`` records.
         eval_every: Iterations between validations, or ``epoch`` for once per epoch as the official scripts do
-            (``best.pt`` is then the best epoch); null = every tenth of the run (10 validations, also when an epoch
-            is longer than the run). Always at the end.
+            (``best.pt`` is then the best epoch); null = once per epoch, at most 10 per run, and every tenth of the
+            run when epochs are longer than a fifth of it (a large unlabeled folder). Always at the end.
         checkpoint_every: Iterations between ``last`` checkpoints (and at the end).
         deterministic: Deterministic algorithms (cudnn) where available.
         tensorboard: Also write TensorBoard events to ``OUT/tb`` (needs the ``tb`` extra).

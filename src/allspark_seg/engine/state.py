@@ -110,7 +110,9 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
     elif t.eval_every is not None:
         eval_every = t.eval_every
     else:
-        eval_every = math.ceil(total / 10)  # whatever the epoch's length: a large unlabeled set still gets 10
+        eval_every = max(spe, math.ceil(total / 10))  # once per epoch, at most 10 per run
+        if total // eval_every < 5:  # epochs longer than a fifth of the run (a large unlabeled folder): 10 per run
+            eval_every = math.ceil(total / 10)
     return TrainingPlan(spe, total, warmup, eval_every)
 
 
