@@ -46,6 +46,7 @@ __all__ = [
     "inference",
     "matmul_peak",
     "memory_update",
+    "device_train",
     "train_memory",
     "train_pair",
     "train_time",
@@ -78,6 +79,12 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the queued kernels of ``device`` (CUDA); nothing to wait for on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def summary(times: list[float]) -> dict[str, Any]:
@@ -170,9 +177,17 @@ def no_dropout(model: nn.Module) -> nn.Module:
 
 
 def our_step_fn(
-    model: AllSparkSegmentor, crop: int, classes: int, precision: str, channels_last: bool, compile_model: bool
+    model: AllSparkSegmentor,
+    crop: int,
+    classes: int,
+    precision: str,
+    channels_last: bool,
+    compile_model: bool,
+    device: str = "cpu",
 ) -> Callable[[], torch.Tensor]:
-    """One engine ``allspark`` iteration (teacher pass, student pass, loss, backward, SGD step) as a closure."""
+    """One engine ``allspark`` iteration (teacher pass, student pass, loss, backward, SGD step) as a closure, on
+    ``device``: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient scaler, as the trainer does)."""
+    dev = torch.device(device)
     cfg = load_config(
         {
             "method": "allspark",
@@ -180,61 +195,67 @@ def our_step_fn(
             "train": {"iterations": 1, "precision": precision, "channels_last": channels_last},
         }
     )
+    model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer("sgd", param_groups(model, LR, LR_MULTI), LR, momentum=0.9, weight_decay=1e-4)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    if precision == "bf16":
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
 
         def autocast() -> contextlib.AbstractContextManager:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(dev.type, dtype=dtype)
 
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     net = torch.compile(model) if compile_model else model
     ctx = StepContext(
         cfg=cfg,
         net=net,
         teacher=None,
         criterion_l=build_loss("ce"),
-        device=torch.device("cpu"),
+        device=dev,
         autocast=autocast,
         channels_last=channels_last,
     )
-    x_l, y_l, x_u = batch(crop, classes)
+    x_l, y_l, x_u = (t.to(dev) for t in batch(crop, classes))
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         out = self_training_step(ctx, {"image": x_l, "mask": y_l}, {"image": x_u}, use_memory=True)
-        out.loss.backward()
-        optimizer.step()
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return out.loss.detach()
 
     return step
 
 
 def baseline_step_fn(
-    model: AllSparkSegmentor, crop: int, classes: int, official: str | None = None
+    model: AllSparkSegmentor, crop: int, classes: int, official: str | None = None, device: str = "cpu"
 ) -> Callable[[], torch.Tensor]:
     """One ``train_allspark.py`` iteration of the baseline (the official code from the folder ``official``, else
-    the restatement) as a closure: teacher pass in eval mode, setters, student pass on the labeled + unlabeled
-    batch (the memory update runs inside it), losses, backward, SGD step. The allspark-seg model is not kept."""
-    ref = baseline_twin(model, crop, official)
+    the restatement) as a closure on ``device``: teacher pass in eval mode, setters, student pass on the labeled +
+    unlabeled batch (the memory update runs inside it), losses, backward, SGD step. The allspark-seg model is not
+    kept."""
+    ref = baseline_twin(model, crop, official).to(device)
     optimizer = literal_optimizer(ref, LR, LR_MULTI)
-    x_l, y_l, x_u = batch(crop, classes)
+    x_l, y_l, x_u = (t.to(device) for t in batch(crop, classes))
     return lambda: literal_train_step(ref, optimizer, x_l, y_l, x_u)
 
 
 # -- workloads --------------------------------------------------------------------------------------------------------
 def _step_for(
-    variant: dict[str, Any], encoder: str, crop: int, classes: int, head_dim: int = HEAD_DIM
+    variant: dict[str, Any], encoder: str, crop: int, classes: int, head_dim: int = HEAD_DIM, device: str = "cpu"
 ) -> Callable[[], torch.Tensor]:
     """A training-iteration closure for ``variant`` = ``{"impl", "precision", "channels_last", "compile_model"}``
-    (``{"impl": "official", "path": DIR}`` for the official code); all start from the same seeded weights."""
+    (``{"impl": "official", "path": DIR}`` for the official code) on ``device``; all start from the same seeded
+    weights."""
     impl = variant["impl"]
     model = build_ours(encoder, classes, crop, head_dim)
     if impl in ("literal", "official"):
         if variant.get("precision", "fp32") != "fp32" or variant.get("channels_last") or variant.get("compile_model"):
             raise ValueError(f"The {impl} baseline runs in fp32, contiguous, eager only.")
-        return baseline_step_fn(model, crop, classes, variant["path"] if impl == "official" else None)
+        return baseline_step_fn(model, crop, classes, variant["path"] if impl == "official" else None, device)
     if impl != "ours":
         raise ValueError(f"Unknown implementation {impl!r}.")
     return our_step_fn(
@@ -244,6 +265,7 @@ def _step_for(
         variant.get("precision", "fp32"),
         bool(variant.get("channels_last")),
         bool(variant.get("compile_model")),
+        device,
     )
 
 
@@ -330,6 +352,107 @@ def train_memory(
     for _ in range(iterations):
         step()
     return {"peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
+
+
+def _peak_memory_mb(
+    variant: dict[str, Any], encoder: str, crop: int, classes: int, head_dim: int, device: str, iterations: int
+) -> dict[str, Any]:
+    """Peak memory of ``variant`` alone over ``iterations`` iterations: on CUDA ``torch.cuda.max_memory_allocated``
+    above what was allocated before its model was built (weights, gradients, momentum, activations); on the CPU the
+    process's peak resident memory (cumulative: only meaningful for the first variant of a process)."""
+    cuda = torch.device(device).type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    step = _step_for(variant, encoder, crop, classes, head_dim, device)
+    for _ in range(iterations):
+        step()
+    synchronize(device)
+    if not cuda:
+        return {"peak_rss_mb": peak_rss_mb()}
+    out = {
+        "peak_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+        "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+    }
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def device_train(
+    variants: list[dict[str, Any]],
+    encoder: str,
+    crop: int,
+    classes: int,
+    device: str = "cuda",
+    warmup: int = 3,
+    repeats: int = 10,
+    head_dim: int = HEAD_DIM,
+    memory_iterations: int = 2,
+) -> dict[str, Any]:
+    """Peak memory (each variant alone) and training-iteration time (all variants alternately) on ``device``.
+
+    First each variant alone: its peak memory over ``memory_iterations`` iterations (:func:`_peak_memory_mb`), its
+    model freed before the next. Then every variant is built again, run once (``first``: allocations, kernel
+    selection), ``warmup - 1`` more times, and timed ``repeats`` times in turn (variant 0, 1, ..., 0, 1, ...), each
+    iteration between two ``torch.cuda.synchronize`` calls so the time is the device's, not the launch queue's.
+    Ratios are the medians of the per-round ratios ``variant / variants[0]``.
+
+    Args:
+        variants: The first is the reference, e.g. ``{"impl": "official", "path": DIR}``, then ours in each precision.
+        encoder: MiT variant.
+        crop: Square crop (not a multiple of 32, as the official memory formula needs).
+        classes: K.
+        device: ``cuda``, ``cuda:N`` or ``cpu`` (a dry run of the same code).
+        warmup: Untimed iterations of each (the first one is reported separately).
+        repeats: Timed iterations of each.
+        head_dim: SegFormer head width.
+        memory_iterations: Iterations of the peak-memory run (two: the second also holds the momentum buffers).
+    """
+    if torch.device(device).type == "cuda":  # cuBLAS handles and workspaces persist: made before any variant runs
+        a = torch.ones(64, 64, device=device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            torch.mm(a.to(dtype), a.to(dtype))
+        synchronize(device)
+    memory = [_peak_memory_mb(v, encoder, crop, classes, head_dim, device, memory_iterations) for v in variants]
+    steps = [_step_for(v, encoder, crop, classes, head_dim, device) for v in variants]
+    first = []
+    for step in steps:
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        first.append(time.perf_counter() - start)
+    for _ in range(max(warmup - 1, 0)):
+        for step in steps:
+            step()
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in steps]
+    losses: list[float] = [0.0 for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            loss = step()
+            synchronize(device)
+            times[i].append(time.perf_counter() - start)
+            losses[i] = float(loss)
+    results = []
+    for i, variant in enumerate(variants):
+        ratios = [t / t0 for t, t0 in zip(times[i], times[0], strict=True)]
+        results.append(
+            {
+                "variant": variant,
+                **summary(times[i]),
+                "first": first[i],
+                "ratio": statistics.median(ratios),
+                "last_loss": losses[i],
+                **memory[i],
+            }
+        )
+    return {"device": str(device), "encoder": encoder, "crop": crop, "classes": classes, "results": results}
 
 
 def memory_update(

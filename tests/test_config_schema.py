@@ -31,6 +31,7 @@ CHOICE_KEYS = {
     "train.device",
     "eval.mode",
     "guard.action",
+    "semi.ema_buffers",
 }
 RANGED_KEYS = {
     "model.head_dim",

@@ -162,3 +162,54 @@ def test_loader_results_do_not_depend_on_workers(tmp_path: Path) -> None:
     assert len(serial) == len(parallel) == 2
     for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def per_epoch_batches(n: int, batch: int, steps: int, start: int, stop: int, **kw: int) -> list[list[tuple[int, int]]]:
+    """The per-epoch samplers of iterations ``start .. stop - 1`` one after the other (the loop before run loaders)."""
+    accum = kw.get("grad_accum", 1)
+    out: list[list[tuple[int, int]]] = []
+    for epoch in range(start // steps, -(-stop // steps)):
+        offset = start % steps if epoch == start // steps else 0
+        out += list(data.GlobalBatchSampler(n, batch, epoch=epoch, start_step=offset, steps=steps, **kw))
+    return out[: (stop - start) * accum]
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "steps", "start", "stop", "layout"),
+    [
+        (4, 4, 1, 0, 5, {}),  # one step per epoch: 4 labeled images
+        (10, 3, 3, 0, 10, {}),  # the last epoch ends early
+        (10, 3, 3, 4, 11, {}),  # resumed within an epoch
+        (10, 3, 3, 6, 9, {}),  # resumed at an epoch boundary
+        (3, 2, 2, 1, 7, {"grad_accum": 2}),  # smaller than a global batch, micro-steps
+        (9, 2, 2, 3, 8, {"rank": 1, "world_size": 2, "stream": 1}),
+        (5, 2, 2, 4, 4, {}),  # nothing left
+    ],
+)
+def test_run_sampler_yields_the_per_epoch_batches_one_after_another(
+    n: int, batch: int, steps: int, start: int, stop: int, layout: dict[str, int]
+) -> None:
+    sampler = data.RunBatchSampler(n, batch, seed=5, start=start, stop=stop, steps=steps, **layout)
+    expected = per_epoch_batches(n, batch, steps, start, stop, seed=5, **layout)
+    assert list(sampler) == expected
+    assert len(sampler) == len(expected) == (stop - start) * layout.get("grad_accum", 1)
+
+
+def test_run_sampler_default_steps_and_bad_arguments() -> None:
+    sampler = data.RunBatchSampler(10, 3, seed=0, stop=7)
+    assert sampler.steps == data.steps_per_epoch(10, 3)
+    assert list(sampler) == per_epoch_batches(10, 3, sampler.steps, 0, 7, seed=0)
+    with pytest.raises(ConfigError):
+        data.RunBatchSampler(0, 3, seed=0, stop=1)
+    with pytest.raises(ConfigError):
+        data.RunBatchSampler(4, 2, seed=0, start=-1, stop=1)
+
+
+def test_run_loader_with_a_worker_gives_the_per_epoch_loaders_batches(tmp_path: Path) -> None:
+    dataset = tiny_dataset(tmp_path, 4)  # 2 steps per epoch with batch 2
+    per_epoch = [b for epoch in (1, 2, 3) for b in data.build_train_loader(dataset, 2, seed=1, epoch=epoch)][1:]
+    run = list(data.build_run_loader(dataset, 2, seed=1, start=3, stop=8, num_workers=1))
+    assert len(run) == len(per_epoch) == 5
+    for a, b in zip(run, per_epoch, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))

@@ -19,8 +19,10 @@ from PIL import Image
 
 import allspark_seg
 from allspark_seg import cli
+from allspark_seg.config import config_from_dict, resolve_config
 from allspark_seg.data import palette_for
 from allspark_seg.engine import predict as P
+from allspark_seg.engine.train import build_model_from_config
 from allspark_seg.errors import AllSparkError, CheckpointError, ConfigError, DataError
 from allspark_seg.predictor import Predictor, to_rgb
 from test_predict_export import save_checkpoint
@@ -151,6 +153,54 @@ def test_grayscale_and_rgba_convert_as_files_are_read(predictor: Predictor, imag
         np.testing.assert_array_equal(predictor(same), mask)
     palette_mode = Image.open(images["big"]).convert("P")  # any PIL mode is converted as files are
     np.testing.assert_array_equal(to_rgb(palette_mode), np.asarray(palette_mode.convert("RGB")))
+
+
+# --------------------------------------------------------------------- against the model's logits, by hand
+IMAGENET = (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
+
+
+def model_from_file(path: Path) -> torch.nn.Module:
+    """The checkpoint's model rebuilt from its stored config and weights, without the inference code."""
+    saved = torch.load(path, weights_only=True)
+    model = build_model_from_config(resolve_config(config_from_dict(saved["config"])))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def hand_probabilities(model: torch.nn.Module, image: np.ndarray, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(K, H, W)`` class probabilities of an RGB uint8 image, all in ``dtype``: padded with black to 32 pixels,
+    normalised with the ImageNet mean and std, resized to ``round(side * scale)`` (bilinear), the softmax of the
+    model's logits at that size, resized back and cropped (the documented inference, written out)."""
+    h, w = image.shape[:2]
+    padded = np.zeros((max(h, 32), max(w, 32), 3), np.uint8)
+    padded[:h, :w] = image
+    mean, std = IMAGENET
+    x = torch.from_numpy(((padded / 255.0 - mean) / std).transpose(2, 0, 1).copy()).to(dtype)[None]
+    size = x.shape[-2:]
+    scaled = (round(size[0] * scale), round(size[1] * scale))
+    if scale != 1.0:
+        x = torch.nn.functional.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        logits = model.to(dtype)(x)
+    logits = torch.nn.functional.interpolate(logits, size=scaled, mode="bilinear", align_corners=False)
+    probs = torch.nn.functional.interpolate(logits.softmax(1), size=size, mode="bilinear", align_corners=False)
+    return probs[0, :, :h, :w]
+
+
+@pytest.mark.parametrize(("name", "scale"), [("photo", 1.0), ("gray", 1.0), ("photo", 1.25)])
+def test_masks_are_the_arg_max_of_the_models_logits_on_a_tensor_prepared_by_hand(
+    predictor: Predictor, checkpoint: Path, images: dict[str, Path], name: str, scale: float
+) -> None:
+    image = np.asarray(Image.open(images[name]).convert("RGB"))
+    mask = predictor(images[name], mode="whole", scales=[scale])
+    model = model_from_file(checkpoint)
+    exact = hand_probabilities(model, image, scale, torch.float64)
+    error = (hand_probabilities(model, image, scale, torch.float32).double() - exact).abs().amax()  # float32's own
+    top2 = exact.topk(2, dim=0).values
+    decided = (top2[0] - top2[1] > 4 * error).numpy()  # no float32 run can flip these pixels' arg max
+    assert decided.mean() > 0.9, decided.mean()
+    np.testing.assert_array_equal(mask[decided], exact.argmax(0).numpy()[decided])
+    assert len(np.unique(mask[decided])) >= 3  # the model predicts several classes here: a real comparison
 
 
 # -------------------------------------------------------------------------------------- same as the CLI

@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from allspark_seg.config.schema import CHOICES, RunConfig, leaf_fields
 from allspark_seg.data import load_mask
 from allspark_seg.dist import DistEnv
 from allspark_seg.engine.diagnostics import largest_crop_share
 from allspark_seg.engine.evaluate import sliding_windows
 from allspark_seg.engine.recipes import (
+    EMA_BUFFERS,
     RECIPES,
     StepContext,
     class_thresholds,
@@ -24,6 +26,7 @@ from allspark_seg.engine.recipes import (
     make_ema,
     oversized_classes,
     pseudo_labels,
+    teacher_logits,
     unsup_loss,
     unsup_scale,
     weak_to_strong_step,
@@ -166,6 +169,33 @@ def test_ema_update_with_the_decay_warm_up():
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
 
 
+def test_ema_buffers_average_the_batchnorm_statistics_and_copy_the_counters_and_the_memory():
+    torch.manual_seed(0)
+    student = tiny_model(num_classes=3, allspark=True)
+    teacher = make_ema(student)
+    bn = "head.linear_fuse.bn"
+    with torch.no_grad():
+        for b in student.buffers():  # the student's statistics, counters and memory move on
+            b.copy_(~b if b.dtype == torch.bool else torch.rand_like(b) if b.is_floating_point() else b + 3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    after = student.state_dict()
+    assert ema_update(teacher, student, decay=0.75, step=10, buffers="average") == 0.75
+    state = teacher.state_dict()
+    for key in (f"{bn}.running_mean", f"{bn}.running_var"):  # 0.75 * teacher + 0.25 * student, in float64
+        expected = (0.75 * before[key].double() + 0.25 * after[key].double()).float()
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=float(4 * torch.finfo(torch.float32).eps))
+        assert not torch.equal(state[key], after[key])
+    memory = ("bank", "ptr", "filled")
+    for key in (f"{bn}.num_batches_tracked", *(f"allspark.attn.memory.{m}" for m in memory)):
+        assert torch.equal(state[key], after[key]), key  # counters and the memory queue: copied
+    ema_update(teacher, student, decay=0.75, step=11)  # the default copies every buffer
+    assert all(torch.equal(v, after[k]) for k, v in teacher.state_dict().items() if k in dict(student.named_buffers()))
+    with pytest.raises(ValueError, match="buffers='mean'"):
+        ema_update(teacher, student, decay=0.75, step=12, buffers="mean")
+    choices = {key: f.metadata[CHOICES] for key, f, _ in leaf_fields(RunConfig()) if CHOICES in f.metadata}
+    assert choices["semi.ema_buffers"] == EMA_BUFFERS  # the config's choices are the update's
+
+
 def test_feature_perturbation_touches_only_the_chosen_unlabeled_images():
     torch.manual_seed(0)
     model = no_dropout(tiny_model(num_classes=3, allspark=False)).train()
@@ -182,10 +212,33 @@ def test_feature_perturbation_touches_only_the_chosen_unlabeled_images():
 
 # ---------------------------------------------------------------------------------- weak-to-strong wiring
 class PixelTeacher(nn.Module):
-    """Logits that are a pixel-wise function of the image: class 1 where channel 0 is positive."""
+    """Logits that are a pixel-wise function of the image: class 1 where channel 0 is positive. The teacher is much
+    surer of class 1 (slope 20) than of class 0 (slope 2), so per-class thresholds are far from the global one."""
 
     def forward(self, x: torch.Tensor, coupled: bool = False) -> torch.Tensor:
-        return torch.stack([torch.zeros_like(x[:, 0]), 20 * x[:, 0]], dim=1)
+        x0 = x[:, 0]
+        return torch.stack([torch.zeros_like(x0), torch.where(x0 > 0, 20 * x0, 2 * x0)], dim=1)
+
+
+def pseudo_labels_by_hand(
+    logits: torch.Tensor, ignore: torch.Tensor, conf_thresh: float, per_class: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labels ``(B, H, W)`` (255 where dropped) and the valid mask, in float64, written out: the top softmax
+    probability against ``conf_thresh``, or with ``per_class`` against ``conf_thresh * m_c / max_k m_k`` where
+    ``m_c`` is the mean top probability of the valid pixels whose arg max is ``c`` (a class predicted nowhere keeps
+    ``conf_thresh``). Also checks that no pixel lies within 1e-4 of its threshold, so float32 agrees."""
+    confidence, labels = logits.double().softmax(dim=1).max(dim=1)
+    valid = ~ignore
+    thresholds = torch.full((logits.shape[1],), conf_thresh, dtype=torch.float64)
+    if per_class:
+        means = {c: confidence[valid & (labels == c)].mean() for c in range(logits.shape[1])}
+        means = {c: m for c, m in means.items() if not m.isnan()}
+        top = max(means.values())
+        for c, m in means.items():
+            thresholds[c] = conf_thresh * m / top
+    margin = confidence - thresholds[labels]
+    assert bool((margin.abs() > 1e-4).all())
+    return labels.masked_fill(~valid | (margin < 0), 255), valid
 
 
 class RecordingStudent(nn.Module):
@@ -240,8 +293,13 @@ def test_weak_to_strong_step_mixes_images_labels_and_guides_consistently(tmp_pat
         assert not torch.allclose(guide, PixelTeacher()(torch.cat([weak] * views)), atol=0.21)
     else:
         assert guide is None
+    # Pseudo-labels: allspark+ thresholds each class at 0.95 x its relative mean confidence (semi.class_thresh), which
+    # keeps class 0 pixels that the global 0.95 of fixmatch and unimatch drops.
+    assert cfg.semi.class_thresh is (method == "allspark+")
+    labels, valid = pseudo_labels_by_hand(PixelTeacher()(weak), batch_u["ignore"], 0.95, cfg.semi.class_thresh)
+    fixed, _ = pseudo_labels_by_hand(PixelTeacher()(weak), batch_u["ignore"], 0.95, False)
+    assert bool((fixed != 255).any()) and bool(((labels == 0) & (fixed == 255)).any()) == cfg.semi.class_thresh
     # Unlabeled loss of zero logits: log(2) on kept pixels over valid ones, averaged as the recipe says.
-    labels, _, valid = pseudo_labels(PixelTeacher()(weak), 0.95, batch_u["ignore"])
     per_view = []
     for v in range(1, views + 1):
         lab, val = cutmix(batch_u[f"cutmix_box{v}"], labels, valid)
@@ -289,14 +347,28 @@ def test_each_recipe_lowers_its_loss_on_a_fixed_batch(tmp_path, data_root, metho
     batch_l = next(it_l)
     batch_u = next(it_u) if it_u is not None else None
     assert trainer.recipe is RECIPES[method]
-    losses = []
+    losses, losses_x = [], []
     for _ in range(16):
         out = trainer.train_step(itertools.repeat(batch_l), itertools.repeat(batch_u) if batch_u else None)
         losses.append(out.loss.item())
+        losses_x.append(out.logs["loss_x"].item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    # A self-trainer that collapses (one class everywhere, learnt from its own pseudo-labels) lowers its total loss
+    # through loss_u alone: the labeled loss must fall too, and the model must beat, on the labeled batch it learns,
+    # the pixel accuracy of predicting that batch's most frequent class everywhere.
+    assert sum(losses_x[-3:]) / 3 < 0.8 * sum(losses_x[:3]) / 3, losses_x
+    with torch.no_grad():
+        logits = trainer.model.eval()(batch_l["image"])
+    y = batch_l["mask"]
+    predicted = torch.nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear").argmax(1)
+    known = y != 255
+    majority = float(y[known].bincount().max()) / int(known.sum())
+    accuracy = float((predicted == y)[known].float().mean())
+    assert accuracy > majority + 0.05, (accuracy, majority)
     if method != "supervised":
         assert out.pseudo is not None and out.pseudo.shape == batch_u["image"].shape[:1] + batch_u["image"].shape[2:]
+        assert len(out.pseudo[out.pseudo != 255].unique()) >= 2, out.pseudo.unique()  # not all one class
 
 
 @pytest.mark.parametrize("method", ["allspark", "allspark+"])
@@ -306,7 +378,8 @@ def test_labels_only_until_unsup_start_then_the_unlabeled_loss_counts(tmp_path, 
     it_l, it_u = trainer._epoch_iterators(0, 0)
     first, second = trainer.train_step(it_l, it_u), trainer.train_step(it_l, it_u)
     assert float(first.logs["loss_u"]) > 0  # computed and logged, but not trained on
-    assert float(first.loss) == pytest.approx(float(first.logs["loss_x"]) / 2, rel=1e-6)
+    # Labels only: the full supervised loss (the step a supervised run takes), not the semi recipe's loss_x / 2.
+    assert float(first.loss) == float(first.logs["loss_x"])
     expected = (float(second.logs["loss_x"]) + float(second.logs["loss_u"])) / 2
     assert float(second.loss) == pytest.approx(expected, rel=1e-6)
 
@@ -318,9 +391,17 @@ def test_the_trainer_caps_pseudo_labels_from_crops_of_the_labeled_masks(tmp_path
     masks = [load_mask(item.mask, item.mask_encoding) for item in trainer.bundle.labeled.items]
     expected = 0.5 * largest_crop_share(masks, k, 48)  # crop 48 of the 96 px images
     assert torch.equal(trainer.ctx.area_cap, expected) and bool((expected < 0.5).any())
-    out = trainer.train_step(*trainer._epoch_iterators(0, 0))
-    kept = (out.pseudo[:, None] == torch.arange(k)[None, :, None, None]).float().mean((2, 3))  # (B, K)
-    assert bool((kept <= expected).all()), (kept, expected)
+    it_l, it_u = trainer._epoch_iterators(0, 0)
+    batch_l, batch_u = next(it_l), next(it_u)
+    labels = teacher_logits(trainer.ctx, trainer.ctx.images(batch_u)).argmax(1)  # the teacher before the step
+    valid = ~batch_u["ignore"]
+    counts = torch.stack([((labels == c) & valid).flatten(1).sum(1) for c in range(k)], 1)  # (B, K)
+    share = counts / valid.flatten(1).sum(1, keepdim=True)  # of each image's valid pixels
+    out = trainer.train_step(itertools.repeat(batch_l), itertools.repeat(batch_u))
+    dropped = (share > expected).gather(1, labels.flatten(1)).view_as(labels) | ~valid  # by hand, per image
+    assert torch.equal(out.pseudo, labels.masked_fill(dropped, 255))
+    # Both sides happen: an oversized class is dropped, and the pseudo-labels of the other classes survive.
+    assert bool(dropped.any()) and bool((out.pseudo != 255).any()) and len(out.pseudo.unique()) >= 2
     for method, overrides in (("fixmatch", ()), ("supervised", ("semi.area_cap=0.5",))):
         other = Trainer(tiny_config(data_root, method, overrides), tmp_path / method, DistEnv(), None)
         assert other.ctx.area_cap is None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import logging
+import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch
 from allspark_seg.dist import DistEnv
 from allspark_seg.engine.checkpoint import load_checkpoint
 from allspark_seg.engine.inference import load_trained_model
+from allspark_seg.engine.logger import MetricLogger
 from allspark_seg.engine.train import Trainer, fit
 from allspark_seg.errors import CheckpointError, ConfigError
 from train_utils import tiny_config
@@ -94,3 +99,84 @@ def test_bad_teacher_settings_are_one_sentence(tmp_path, data_root, teacher_path
     with pytest.raises(ConfigError, match="predicts 3 classes, this run has 6"):
         Trainer(cfg, tmp_path / "b", DistEnv(), None)
     assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "b" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------ the teacher's classes and whether its run finished
+class Interrupted(Exception):
+    """Raised by the test to stop a run, as a kill would."""
+
+
+@pytest.fixture(scope="module")
+def scored_runs(tmp_path_factory, data_root):
+    """Two 3-iteration labels-only runs validated at every iteration with scripted mIoUs (best at iteration 1):
+    ``finished`` ran to the end; ``interrupted`` was killed after iteration 2 (``last.pt`` at 2, ``best.pt`` at 1)."""
+    scripted = {1: 0.5, 2: 0.2, 3: 0.3}
+    original = Trainer.validate
+    write = MetricLogger.write
+
+    def interrupt_after_iteration_2(self, record):
+        write(self, record)
+        if record["type"] == "train" and record["step"] == 3:  # logged after last.pt at 2, before validating 3
+            raise Interrupted
+
+    root = tmp_path_factory.mktemp("scored")
+    cfg = tiny_config(data_root, method="supervised", iterations=3, eval_every=1, checkpoint_every=1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "validate", lambda self: dataclasses.replace(original(self), miou=scripted[self.step]))
+        fit(cfg, root / "finished")
+        m.setattr(MetricLogger, "write", interrupt_after_iteration_2)
+        with pytest.raises(Interrupted):
+            fit(cfg, root / "interrupted")
+    return root
+
+
+def test_a_teacher_with_the_classes_in_another_order_is_refused(tmp_path, data_root, teacher_path):
+    saved = load_checkpoint(teacher_path)
+    names = list(saved["class_names"])
+    saved["class_names"] = names[::-1]  # the same classes, another order: the ids of its predictions would not match
+    permuted = tmp_path / "permuted" / "last.pt"
+    permuted.parent.mkdir()
+    torch.save(saved, permuted)
+    cfg = tiny_config(data_root, method="fixmatch", overrides=(f"semi.teacher_checkpoint={permuted}",))
+    expected = f"was trained on the classes {names[::-1]}, this run has {names} (in another order)"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        Trainer(cfg, tmp_path / "student", DistEnv(), None)
+
+
+def test_the_best_checkpoint_of_a_finished_run_teaches_and_the_log_names_it(tmp_path, data_root, scored_runs, caplog):
+    best = scored_runs / "finished" / "best.pt"
+    saved = load_checkpoint(best)
+    assert (saved["step"], saved["total"], saved["miou"]) == (1, 3, 0.5)  # written before the end of its run
+    assert load_checkpoint(scored_runs / "finished" / "last.pt")["miou"] == 0.3
+    caplog.set_level(logging.INFO, logger="allspark_seg")
+    cfg = tiny_config(data_root, method="fixmatch", overrides=(f"semi.teacher_checkpoint={best}",))
+    Trainer(cfg, tmp_path / "student", DistEnv(), None)
+    assert f"teacher: {best}, frozen: iteration 1 of 3, validation mIoU 50.00" in caplog.text
+    last = scored_runs / "finished" / "last.pt"
+    cfg = tiny_config(data_root, method="fixmatch", overrides=(f"semi.teacher_checkpoint={last}",))
+    Trainer(cfg, tmp_path / "student2", DistEnv(), None)
+    assert f"teacher: {last}, frozen: iteration 3 of 3, validation mIoU 30.00" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("last.pt", "is at iteration 2 of its 3-iteration run, which had not finished"),
+        ("best.pt", "is at iteration 1 of 3 and its run had not finished (last.pt at iteration 2)"),
+    ],
+)
+def test_a_teacher_from_a_run_that_had_not_finished_is_refused(tmp_path, data_root, scored_runs, name, why):
+    path = scored_runs / "interrupted" / name
+    cfg = tiny_config(data_root, method="fixmatch", overrides=(f"semi.teacher_checkpoint={path}",))
+    with pytest.raises(ConfigError, match=re.escape(f"'{path}' {why}; use the best.pt or last.pt of a finished run.")):
+        Trainer(cfg, tmp_path / "student", DistEnv(), None)
+
+
+def test_a_best_checkpoint_is_refused_next_to_another_runs_last(tmp_path, data_root, scored_runs, teacher_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(scored_runs / "finished" / "best.pt", folder / "best.pt")
+    shutil.copy(teacher_path, folder / "last.pt")  # a finished run, but not the one best.pt comes from
+    cfg = tiny_config(data_root, method="fixmatch", overrides=(f"semi.teacher_checkpoint={folder / 'best.pt'}",))
+    with pytest.raises(ConfigError, match="is not the best checkpoint of the finished run in its folder"):
+        Trainer(cfg, tmp_path / "student", DistEnv(), None)

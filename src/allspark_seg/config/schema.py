@@ -286,6 +286,9 @@ class SemiConfig:
     Attributes:
         ema: Use an EMA teacher instead of the student itself in eval mode.
         ema_decay: EMA decay.
+        ema_buffers: What the EMA teacher does with the student's buffers: ``copy`` them all (default), or
+            ``average`` the BatchNorm running means and variances like the weights (counters and the Semantic
+            Memory are copied); measured in ``docs/recipes.md``.
         conf_thresh: Pseudo-labels with a lower teacher confidence are ignored (0 = keep all, official).
         ignore_padding: Ignore padded pixels of unlabeled crops in the unlabeled loss (fix of Q12).
         per_image_teacher: Teacher predictions per image rather than batch-coupled (fix of Q13).
@@ -303,7 +306,7 @@ class SemiConfig:
             the teacher is less sure of keep their most confident pixels instead of vanishing from the pseudo-labels
             (in the spirit of FlexMatch/FreeMatch; computed per batch, no state).
         unsup_start: Iterations of labels only before the unlabeled loss counts (the teacher and the memory run
-            from the start).
+            from the start); those steps take ``loss_x`` whole, as a supervised run does, not ``loss_x / 2``.
         unsup_rampup: Iterations, after ``unsup_start``, over which the unlabeled loss weight rises to
             ``unsup_weight`` along ``exp(-5 (1 - t)^2)`` (the mean-teacher ramp); 0 = at once.
         warmup_iterations: Memory warm-up: the memory is filled from the start but read only after this many
@@ -324,6 +327,7 @@ class SemiConfig:
 
     ema: bool | None = None
     ema_decay: float = _ranged(0.999, FRACTION)
+    ema_buffers: str = _choice("copy", ("copy", "average"))
     conf_thresh: float | None = _ranged(None, UNIT)
     ignore_padding: bool | None = None
     per_image_teacher: bool | None = None

@@ -35,7 +35,9 @@ from allspark_seg.data.formats import (
 )
 from allspark_seg.data.loaders import (
     GlobalBatchSampler,
+    RunBatchSampler,
     ShardSampler,
+    build_run_loader,
     build_train_loader,
     build_val_loader,
     epoch_order,
@@ -62,10 +64,12 @@ __all__ = [
     "FormatSpec",
     "GlobalBatchSampler",
     "Item",
+    "RunBatchSampler",
     "ShardSampler",
     "TrainDataset",
     "ValDataset",
     "apply_pipeline",
+    "build_run_loader",
     "build_train_loader",
     "build_val_loader",
     "colorize",

@@ -10,6 +10,11 @@ further permutations from the same generator when the steps need more than ``n``
 one global batch). Samples of the ``j``-th permutation are yielded as ``index + j * n``: datasets wrap the index
 around, and the augmentation generator ``[seed, epoch, index, stream]`` differs between the laps (``stream``:
 0 unlabeled, 1 labeled, as for the order).
+
+Training iterates one loader per stream for the whole run (:func:`build_run_loader`): its sampler yields these
+epochs one after the other from the resume position, so its worker processes start once per run (not once per
+epoch, which with a few labeled images is once per step) and prefetch across the epoch boundaries; the batches are
+those of the per-epoch loaders (:func:`build_train_loader`) concatenated.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from allspark_seg.errors import ConfigError
 __all__ = [
     "ORDER_TAG",
     "GlobalBatchSampler",
+    "RunBatchSampler",
     "ShardSampler",
+    "build_run_loader",
     "build_train_loader",
     "build_val_loader",
     "epoch_order",
@@ -208,6 +215,84 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             yield from micro
 
 
+class RunBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batch sampler of a whole run: the batches of iterations ``start .. stop - 1``, epoch after epoch.
+
+    Iteration ``i`` is step ``i % steps`` of epoch ``i // steps``, sampled as :class:`GlobalBatchSampler` samples it
+    (the same ``(index, epoch)`` pairs, ``grad_accum`` batches per iteration), so one iterator over this sampler
+    yields exactly what the per-epoch samplers of epochs ``start // steps`` onwards yield one after the other, the
+    first started at ``start % steps``, and ends after iteration ``stop - 1``.
+
+    Args:
+        dataset_len: n.
+        batch_size: Per-process micro-batch size.
+        seed: Base seed.
+        start: First iteration of the run to sample (the resume position).
+        stop: Iterations of the run (the sampler ends before iteration ``stop``).
+        steps: Steps per epoch, default :func:`steps_per_epoch`.
+        rank: This process.
+        world_size: Number of processes.
+        grad_accum: Micro-steps per optimiser step.
+        stream: Order stream (see :func:`epoch_order`).
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        batch_size: int,
+        *,
+        seed: int,
+        start: int = 0,
+        stop: int,
+        steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        stream: int = 0,
+    ) -> None:
+        _check_layout(batch_size, rank, world_size, grad_accum)
+        if dataset_len < 1:
+            raise ConfigError("Cannot sample from an empty dataset.")
+        if start < 0 or stop < 0:
+            raise ConfigError(f"start and stop must not be negative, got {start} and {stop}.")
+        self.dataset_len = dataset_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.stop = stop
+        self.steps = steps_per_epoch(dataset_len, batch_size, world_size * grad_accum) if steps is None else steps
+        if self.steps < 1:
+            raise ConfigError(f"steps per epoch must be positive, got {self.steps}.")
+        self.rank = rank
+        self.world_size = world_size
+        self.grad_accum = grad_accum
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while step < self.stop:
+            epoch, offset = divmod(step, self.steps)
+            end = min(self.steps, self.stop - epoch * self.steps)  # the last epoch may end early
+            batches = global_batches(
+                self.dataset_len,
+                self.batch_size,
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                grad_accum=self.grad_accum,
+                start_step=offset,
+                steps=self.steps,
+                stream=self.stream,
+            )
+            for micro in batches[: end - offset]:
+                yield from micro
+            step = (epoch + 1) * self.steps
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """Validation indices of one process: ``range(rank, n, world_size)``; no duplicates and no padding."""
     _check_layout(1, rank, world_size, 1)
@@ -275,6 +360,50 @@ def build_train_loader(
         steps=steps,
         stream=stream,
     )
+    return _batch_loader(dataset, sampler, seed=seed, rank=rank, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def build_run_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start: int = 0,
+    stop: int,
+    steps: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    stream: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over :class:`RunBatchSampler`: iterations ``start .. stop - 1`` of a run, epoch after epoch.
+
+    Iterate it once for the whole run: its workers then start once and prefetch across epochs. The batches are
+    those of :func:`build_train_loader` for each epoch (arguments as :class:`RunBatchSampler`).
+
+    Returns:
+        A DataLoader yielding collated dicts of ``batch_size`` samples, ``grad_accum`` per iteration.
+    """
+    sampler = RunBatchSampler(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        start=start,
+        stop=stop,
+        steps=steps,
+        rank=rank,
+        world_size=world_size,
+        grad_accum=grad_accum,
+        stream=stream,
+    )
+    return _batch_loader(dataset, sampler, seed=seed, rank=rank, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def _batch_loader(
+    dataset: Dataset, sampler: Sampler, *, seed: int, rank: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -9,6 +9,10 @@
 - ``data.num_workers`` is lowered when the loader workers of all training processes on the machine would outnumber
   the usable cores minus one per process (each process trains on a core of its own; on two cores, worker processes
   only compete with it, see ``docs/demo.md``).
+- PyTorch's intra-op threads (:func:`choose_threads`, applied when training starts): the cores left after the loader
+  workers, so the main process's OpenMP threads do not contend with the workers (on two cores with one worker, two
+  threads made a step 1.9x slower than one). ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set, or fewer threads set
+  with ``torch.set_num_threads``, are kept.
 
 The returned config holds the values used, so ``OUT/config.yaml`` and the checkpoints rebuild the same model.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +38,9 @@ __all__ = [
     "SIZE_SAMPLE",
     "adapt_to_data",
     "auto_crop_size",
+    "choose_threads",
     "image_sizes",
+    "intra_op_threads",
     "local_processes",
     "median_long_side",
     "usable_cores",
@@ -110,6 +116,52 @@ def worker_limit(cores: int, loaders: int, processes: int = 1) -> int:
         processes: Training processes on the machine.
     """
     return max(0, (cores - processes) // (loaders * processes))
+
+
+def intra_op_threads(cores: int, loaders: int, workers: int, processes: int = 1) -> int:
+    """PyTorch intra-op threads per training process: the cores left after the loader workers, at least one.
+
+    ``max(1, (cores - processes * loaders * workers) // processes)``; with the workers :func:`worker_limit` allows,
+    threads and workers of all processes fit in the cores.
+
+    Args:
+        cores: Usable cores of the machine.
+        loaders: Training loaders per process.
+        workers: Workers per loader (``data.num_workers``).
+        processes: Training processes on the machine.
+    """
+    return max(1, (cores - processes * loaders * workers) // processes)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def choose_threads(
+    current: int, cores: int, loaders: int, workers: int, processes: int, environ: Mapping[str, str]
+) -> tuple[int, str]:
+    """The intra-op threads training should use, and why (for the log).
+
+    :func:`intra_op_threads`, unless ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the user's choice: kept) or
+    the process already has fewer threads (set by the caller with ``torch.set_num_threads``: kept, never raised).
+
+    Args:
+        current: ``torch.get_num_threads()``.
+        cores: Usable cores of the machine.
+        loaders: Training loaders per process.
+        workers: Workers per loader.
+        processes: Training processes on the machine.
+        environ: The environment (``os.environ``).
+    """
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if environ.get(name):
+            return current, f"{name} is set"
+    threads = intra_op_threads(cores, loaders, workers, processes)
+    left = f"{_plural(cores, 'usable core')} - {_plural(processes * loaders * workers, 'loader worker')}"
+    why = left if processes == 1 else f"({left}) / {processes} processes"
+    if threads > current:
+        return current, f"kept: at most {threads} = {why}"
+    return threads, why
 
 
 def adapt_to_data(

@@ -54,6 +54,7 @@ class CollapseGuard:
             learned yet has not *fallen*).
         warned: Kinds that ``guard.action=warn`` has warned about and that still fire; the warning is logged once
             per episode, and a ``recovered`` record is written when the kind's check stops firing.
+        warnings: ``(kind, iteration)`` of every warning given so far, before a resume too (the end-of-run summary).
     """
 
     lr_scale: float = 1.0
@@ -61,6 +62,7 @@ class CollapseGuard:
     strikes: dict[str, int] = field(default_factory=dict)
     established: set[int] = field(default_factory=set)
     warned: set[str] = field(default_factory=set)
+    warnings: list[tuple[str, int]] = field(default_factory=list)
 
     def check(self, kind: str, fired: bool, patience: int) -> bool:
         """Count a check of ``kind``; True when it fired ``patience`` times in a row (the counter then resets)."""
@@ -84,15 +86,18 @@ class CollapseGuard:
             "strikes": dict(self.strikes),
             "established": sorted(self.established),
             "warned": sorted(self.warned),
+            "warnings": [[kind, step] for kind, step in self.warnings],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (checkpoints without ``established``/``warned`` start empty)."""
+        """Restore what :meth:`state_dict` returned (checkpoints without ``established``, ``warned`` or ``warnings``
+        start empty: no warning counted)."""
         self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
         self.strikes = {str(k): int(v) for k, v in state["strikes"].items()}
         self.established = {int(k) for k in state.get("established", [])}
         self.warned = {str(k) for k in state.get("warned", [])}
+        self.warnings = [(str(kind), int(step)) for kind, step in state.get("warnings", [])]
 
 
 class GuardedRun(Protocol):
@@ -212,14 +217,17 @@ class CollapseMonitor:
             f"{100 * run.best_miou:.2f} (iteration {run.best_step}), more than guard.miou_drop={g.miou_drop}",
         )
 
-    def log_summary(self) -> None:
-        """Log, at the end of a run, how many warnings the guard gave (none: nothing is logged)."""
-        warnings = [r for r in self.logger.history if r["type"] == "guard" and r["action"] == "warn"]
-        if warnings:
+    def log_summary(self, guard: CollapseGuard) -> None:
+        """Log, at the end of a run, how many warnings the guard gave, before a resume too (none: nothing is logged).
+
+        Args:
+            guard: The run's guard state (it counts the warnings, :attr:`CollapseGuard.warnings`).
+        """
+        if guard.warnings:
             log.warning(
                 "collapse guard: %d warning(s) during training (%s; 'guard' records in %s)",
-                len(warnings),
-                ", ".join(f"{r['kind']} at iteration {r['step']}" for r in warnings),
+                len(guard.warnings),
+                ", ".join(f"{kind} at iteration {step}" for kind, step in guard.warnings),
                 self.logger.path,
             )
 
@@ -242,6 +250,7 @@ class CollapseMonitor:
         if g.action == "warn":
             if kind not in run.guard.warned:  # once per episode: the kind's check has fired since the last warning
                 run.guard.warned.add(kind)
+                run.guard.warnings.append((kind, run.step))
                 self.logger.write({"type": "guard", "step": run.step, "kind": kind, "action": "warn", "reason": reason})
                 log.warning("collapse guard: %s; training goes on (guard.action=warn)", reason)
             return False

@@ -13,8 +13,11 @@ window of the training crop, so memory stays bounded and the model sees objects 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from ..models import AllSparkSegmentor
 from ..models.factory import build_model_from_config
 from ..models.pretrained import state_dict_mismatch
 from .evaluate import infer
-from .state import load_checkpoint
+from .state import LAST, load_checkpoint
 
 __all__ = [
     "MIN_SIDE",
@@ -38,7 +41,10 @@ __all__ = [
     "load_trained_model",
     "predict_image",
     "predict_probabilities",
+    "teacher_run_finished",
 ]
+
+log = logging.getLogger(__name__)
 
 PREDICT_MODES = ("auto", "whole", "slide")
 
@@ -72,36 +78,118 @@ class TrainedModel:
         return next(self.model.parameters()).device
 
 
-def load_teacher(path: str | Path, num_classes: int, device: torch.device) -> tuple[AllSparkSegmentor, str]:
-    """The frozen teacher of ``semi.teacher_checkpoint``: a trained run's model, in eval mode, without gradients.
+def load_teacher(
+    path: str | Path, class_names: Sequence[str], device: torch.device
+) -> tuple[AllSparkSegmentor, str]:
+    """The frozen teacher of ``semi.teacher_checkpoint``: a finished run's model, in eval mode, without gradients.
+
+    Refused: a teacher with another number of classes, or other class names or the same in another order (its
+    pseudo-labels would be permuted), and a checkpoint of a run that had not finished (:func:`teacher_run_finished`).
+    Logs the checkpoint used: its path, iteration and validation mIoU.
 
     Args:
         path: ``best.pt``/``last.pt`` of a training run (any architecture).
-        num_classes: The classes of the run it teaches.
+        class_names: The K class names of the run it teaches, in order.
         device: Where it runs.
 
     Returns:
         The model and the sha256 of its file (a resumed run refuses a teacher file whose contents changed).
 
     Raises:
-        ConfigError: The file is not a readable checkpoint of a training run, or its model predicts another number
-            of classes.
+        ConfigError: The file is not a readable checkpoint of a training run, its classes are not this run's, in
+            this order, or its run had not finished.
     """
+    path = Path(path)
+    key = "Config key 'semi.teacher_checkpoint'"
     try:
-        trained = load_trained_model(path, device)
+        saved = load_checkpoint(path, map_location="cpu")
+        trained = _trained_model(saved, path, device)
     except CheckpointError as error:
-        raise ConfigError(f"Config key 'semi.teacher_checkpoint': {error}") from None
-    if trained.cfg.data.num_classes != num_classes:
+        raise ConfigError(f"{key}: {error}") from None
+    k = len(class_names)
+    if trained.cfg.data.num_classes != k:
+        raise ConfigError(f"{key}: '{path}' predicts {trained.cfg.data.num_classes} classes, this run has {k}.")
+    names, ours = saved.get("class_names"), list(class_names)
+    if names is None:
+        log.warning("%s: '%s' records no class names: its classes cannot be checked against %s", key, path, ours)
+    elif list(names) != ours:
+        how = "in another order" if sorted(names) == sorted(ours) else "with other names"
         raise ConfigError(
-            f"Config key 'semi.teacher_checkpoint': '{path}' predicts {trained.cfg.data.num_classes} classes, this run "
-            f"has {num_classes}."
+            f"{key}: '{path}' was trained on the classes {list(names)}, this run has {ours} ({how}): its "
+            "pseudo-labels would name other classes; train the teacher on this run's classes."
         )
+    unfinished = teacher_run_finished(saved, path)
+    if unfinished:
+        raise ConfigError(f"{key}: '{path}' {unfinished}; use the best.pt or last.pt of a finished run.")
+    log.info("teacher: %s, frozen: %s", path, _checkpoint_summary(saved))
     trained.model.requires_grad_(False)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return trained.model, digest.hexdigest()
+
+
+def _run_total(saved: dict[str, Any]) -> int | None:
+    """The iterations of a checkpoint's run: recorded in it (``total``), or for a checkpoint written before that by a
+    run set in iterations, its ``train.iterations``; None when unknown (an older run set in epochs)."""
+    total = saved.get("total")
+    if total is None:
+        total = (saved.get("config") or {}).get("train", {}).get("iterations")
+    return None if total is None else int(total)
+
+
+def teacher_run_finished(saved: dict[str, Any], path: Path) -> str | None:
+    """Why the run of a training checkpoint had not finished, or None when it had.
+
+    A checkpoint at its run's last iteration (``step >= total``: the ``last.pt`` of a finished run) comes from a
+    finished run. An earlier one (``best.pt`` is written at the best validation, usually before the end) does when
+    the ``last.pt`` in its folder is at its run's last iteration and names this checkpoint as the run's best (the same
+    ``best_step``, ``best_miou`` and config): a run still going, stopped (collapse guard, interruption) or extended
+    since is refused. A checkpoint written before runs recorded their length, by a run set in epochs, cannot be told:
+    a warning is logged and it is accepted.
+
+    Args:
+        saved: The checkpoint dict read from ``path``.
+        path: Its file.
+
+    Returns:
+        None, or a sentence fragment (what follows the file's name) saying why not.
+    """
+    step, total = int(saved.get("step", 0)), _run_total(saved)
+    if total is None:
+        log.warning("'%s' does not record how long its run was: whether that run finished cannot be told", path)
+        return None
+    if step >= total:
+        return None
+    last_path = path.parent / LAST
+    if not last_path.is_file() or last_path.resolve() == path.resolve():
+        return f"is at iteration {step} of its {total}-iteration run, which had not finished"
+    try:
+        last = load_checkpoint(last_path, map_location="meta")  # the numbers only, no tensor data
+    except CheckpointError:
+        return f"is at iteration {step} of {total} and the {LAST} next to it cannot be read"
+    last_step, last_total = int(last.get("step", 0)), _run_total(last)
+    if last_total is None or last_step < last_total:
+        return f"is at iteration {step} of {total} and its run had not finished ({LAST} at iteration {last_step})"
+    same_run = last.get("config") == saved.get("config")
+    if not same_run or last.get("best_step") != step or last.get("best_miou") != saved.get("best_miou"):
+        return (
+            f"is at iteration {step} of {total} and is not the best checkpoint of the finished run in its folder "
+            f"({LAST}'s best is at iteration {last.get('best_step')})"
+        )
+    return None
+
+
+def _checkpoint_summary(saved: dict[str, Any]) -> str:
+    """``iteration S of T, validation mIoU M`` of a training checkpoint (the numbers it records)."""
+    step, total = int(saved.get("step", 0)), _run_total(saved)
+    miou = saved.get("miou")
+    if miou is None and saved.get("best_step") == step:
+        miou = saved.get("best_miou")  # best.pt: its own validation
+    of = "" if total is None else f" of {total}"
+    score = "not recorded" if miou is None or miou < 0 else f"{100 * float(miou):.2f}"
+    return f"iteration {step}{of}, validation mIoU {score}"
 
 
 def _pick_device(device: str | torch.device) -> torch.device:
@@ -139,7 +227,11 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
             config this version cannot read, or its weights do not fit the model its config describes.
     """
     path = Path(path)
-    saved = load_checkpoint(path, map_location="cpu")
+    return _trained_model(load_checkpoint(path, map_location="cpu"), path, device)
+
+
+def _trained_model(saved: dict[str, Any], path: Path, device: str | torch.device) -> TrainedModel:
+    """:func:`load_trained_model` on a checkpoint dict already read from ``path``."""
     if not isinstance(saved.get("config"), dict) or not isinstance(saved.get("model"), dict):
         raise CheckpointError(
             f"Checkpoint '{path}' has no run config and model weights: it was not written by allspark-seg train "

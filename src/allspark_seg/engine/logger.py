@@ -2,12 +2,16 @@
 
 Every record is a flat JSON object with a ``type`` (``train``, ``eval``, ``guard``) and a ``step``; tensors are turned
 into Python numbers with :func:`to_python` (NaN becomes ``null`` in lists). Only the main process writes, but every
-process keeps the history, so :class:`~allspark_seg.engine.train.FitResult` is the same everywhere.
+process keeps the history, so :class:`~allspark_seg.engine.train.FitResult` is the same everywhere. A resumed run
+first drops the records logged after its checkpoint (:func:`drop_records_after`), so no step is logged twice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,12 @@ import torch
 from ..errors import MissingExtraError
 from ..utils import upcast
 
-__all__ = ["MetricLogger", "to_python"]
+__all__ = ["METRICS", "MetricLogger", "drop_records_after", "to_python"]
+
+log = logging.getLogger(__name__)
+
+#: The file name of the records in a run folder.
+METRICS = "metrics.jsonl"
 
 
 class MetricLogger:
@@ -40,7 +49,7 @@ class MetricLogger:
             MissingExtraError: TensorBoard was asked for but is not installed.
         """
         self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS
         self.history: list[dict[str, Any]] = []
         self.tb = None
         if enabled and tensorboard:
@@ -74,3 +83,48 @@ def to_python(value: torch.Tensor) -> float | list[float | None]:
     if value.ndim == 0:
         return float(value)
     return [None if v != v else round(float(v), 6) for v in value.tolist()]
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of ``path`` (a ``metrics.jsonl``) whose ``step`` is after ``step``, for a resume from it.
+
+    The other lines are kept byte for byte, in order, and so are lines that are not records; a torn last line (no
+    newline: the run was killed while writing it) is dropped. The file is rewritten atomically (a temporary file in
+    the same folder, flushed to disk and renamed over it), and only when something is dropped.
+
+    Args:
+        path: The file; a missing one is left missing.
+        step: The iteration resumed from.
+
+    Returns:
+        The number of lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept: list[bytes] = []
+    for index, line in enumerate(lines):
+        if index == len(lines) - 1 and not line.endswith(b"\n"):
+            continue  # torn by a kill mid-write
+        try:
+            record = json.loads(line)
+        except ValueError:
+            kept.append(line)
+            continue
+        later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+        if not later:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.writelines(kept)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("%s: dropped %d line(s) logged after iteration %d (logged again on resume)", path, dropped, step)
+    return dropped

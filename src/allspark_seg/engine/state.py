@@ -4,9 +4,10 @@ A training checkpoint (:func:`training_checkpoint`) is a plain dict of tensors a
 unwrapped state dict, Semantic Memory buffers included), ``optimizer``, ``ema`` (or None), ``scaler`` (or None),
 ``teacher_sha256`` (the file of ``semi.teacher_checkpoint``, or None), ``rng`` (rank 0's torch CPU and CUDA
 generator states; training draws do not depend on them, every micro-step reseeds from its iteration and virtual
-process, see ``engine.accumulation``), ``world_size`` (the number of processes that wrote it), ``step``, ``epoch``,
-``best_miou``, ``best_step``, ``guard`` (the collapse guard's state), ``config`` (the resolved config as a dict),
-``class_names``, ``palette`` and ``version``.
+process, see ``engine.accumulation``), ``world_size`` (the number of processes that wrote it), ``step``, ``total``
+(the run's iterations: a run finished when its ``last.pt`` has ``step == total``), ``epoch``, ``best_miou``,
+``best_step``, ``miou`` (the latest validation's), ``guard`` (the collapse guard's state), ``config`` (the resolved
+config as a dict), ``class_names``, ``palette`` and ``version``.
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed over the target
 (:func:`atomic_save`), so a crash during a save leaves the previous file intact; reading never unpickles code
@@ -24,7 +25,7 @@ import pickle
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import RunConfig
+from ..config import RunConfig, SemiConfig
+from ..config.resolve import _fill_semi
 from ..data import steps_per_epoch
 from ..errors import CheckpointError
+from ..methods import get_method
+from ..utils import to_pair
 from .guard import CollapseGuard
 
 __all__ = [
@@ -59,6 +63,20 @@ LAST, BEST = "last.pt", "best.pt"
 
 #: Settings a run cannot change and continue exactly: the data layout of every step and the recipe's behaviour.
 RESUME_KEYS: tuple[str, ...] = ("train.seed", "train.grad_accum", "train.batch_size", "train.unlabeled_batch_size")
+
+#: Settings that decide the training samples (besides the class names); ``data.root`` only outside the synthetic
+#: format, whose samples the generator's settings decide wherever it writes them.
+_DATA_KEYS: tuple[str, ...] = (
+    "data.format",
+    "data.root",
+    "data.labeled_split",
+    "data.unlabeled_split",
+    "data.crop_size",
+    "data.pipeline",
+    *(f"data.synthetic.{k}" for k in ("kind", "num_labeled", "num_unlabeled", "image_size", "seed")),
+)
+_PATH_KEYS = ("data.root", "data.labeled_split", "data.unlabeled_split")
+_MISSING = object()
 
 # What torch.load raises on truncated or foreign files (the legacy unpickler fails in many ways on non-torch bytes).
 _UNREADABLE = (
@@ -172,11 +190,33 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def _cpu_rng_state(state: torch.Tensor) -> torch.Tensor:
+    """A saved generator state as the CPU ByteTensor the generators take, from whatever device it was loaded onto.
+
+    Raises:
+        CheckpointError: The state has no values (it was loaded onto the ``meta`` device).
+    """
+    if state.is_meta:
+        raise CheckpointError(
+            "The checkpoint's random state has no values (it was loaded with map_location='meta'): load the "
+            "checkpoint on the CPU to resume from it."
+        )
+    return state.detach().to(device="cpu", dtype=torch.uint8)
+
+
 def restore_rng(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`capture_rng` captured; the states may have been loaded onto any device with values.
+
+    CUDA states are restored for the devices this machine has (at most as many as were saved).
+
+    Raises:
+        CheckpointError: A state has no values (loaded onto the ``meta`` device).
+    """
+    torch.set_rng_state(_cpu_rng_state(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = [_cpu_rng_state(s) for s in state["cuda"]]
+        for index, saved in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved, index)
 
 
 # -------------------------------------------------------------------------------------------- save and restore
@@ -198,6 +238,7 @@ def training_checkpoint(
     class_names: Sequence[str],
     palette: np.ndarray,
     teacher_sha256: str | None = None,
+    miou: float | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a run (tensors and primitives only; the layout is in the module docstring).
 
@@ -216,6 +257,8 @@ def training_checkpoint(
         class_names: K class names.
         palette: ``(K, 3)`` uint8 colours.
         teacher_sha256: The sha256 of the frozen teacher's file (``semi.teacher_checkpoint``), or None.
+        miou: The mIoU of the latest validation (at ``step`` for ``best.pt`` and a finished run's ``last.pt``), or
+            None before the first.
     """
     return {
         "version": __version__,
@@ -227,9 +270,11 @@ def training_checkpoint(
         "rng": capture_rng(),
         "world_size": world_size,
         "step": step,
+        "total": plan.total,
         "epoch": step // plan.steps_per_epoch,
         "best_miou": best_miou,
         "best_step": best_step,
+        "miou": miou,
         "guard": guard.state_dict(),
         "config": cfg.to_dict(),
         "class_names": list(class_names),
@@ -277,15 +322,56 @@ def restore_weights(
         ema.load_state_dict(saved["ema"])
 
 
+def _get(config: dict[str, Any], key: str) -> Any:
+    """The value of a dotted ``key`` in a nested config dict, or ``_MISSING``."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _defaults_then(old: dict[str, Any], method: str) -> dict[str, Any]:
+    """The values a stored config had for the keys it lacks (written before they existed): the schema's defaults,
+    and for the null ``semi.*`` keys and ``data.pipeline`` the method's, as resolving filled them."""
+    defaults = RunConfig().to_dict()
+    names = {f.name for f in fields(SemiConfig)}
+    known = {k: v for k, v in (old.get("semi") or {}).items() if k in names}
+    defaults["semi"] = asdict(_fill_semi(SemiConfig(**known), get_method(method)))
+    defaults["data"]["pipeline"] = get_method(method).pipeline
+    return defaults
+
+
+def _same(key: str, before: Any, after: Any) -> bool:
+    """Whether two values of ``key`` give the same run (a crop as an int or a square pair, one folder's spellings)."""
+    if before == after:
+        return True
+    sizes = (int, list)
+    if key == "data.crop_size" and isinstance(before, sizes) and isinstance(after, sizes):
+        return to_pair(before) == to_pair(after)
+    if key in _PATH_KEYS and isinstance(before, str) and isinstance(after, str) and before and after:
+        return Path(before).expanduser().resolve() == Path(after).expanduser().resolve()
+    return False
+
+
 def _check_resumable(
-    saved: dict[str, Any], cfg: RunConfig, path: Path, world_size: int, teacher_sha256: str | None = None
+    saved: dict[str, Any],
+    cfg: RunConfig,
+    path: Path,
+    world_size: int,
+    teacher_sha256: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Refuse a checkpoint that this run cannot continue exactly, in one sentence naming the difference.
 
     Refused: another ``method`` or ``model`` section, class count, number of processes, ``train.seed``,
-    ``train.grad_accum``, batch sizes (so another global batch), any ``semi.*`` value, or a frozen teacher file
-    (``semi.teacher_checkpoint``) whose contents changed (``teacher_sha256``: this run's). Checkpoints written before
-    the number of processes was recorded are not compared on it.
+    ``train.grad_accum``, batch sizes (so another global batch), any ``semi.*`` value, a frozen teacher file
+    (``semi.teacher_checkpoint``) whose contents changed (``teacher_sha256``: this run's), and other training samples:
+    another data format, ``data.root`` (outside the synthetic format), split file, crop, augmentation pipeline,
+    synthetic dataset or class names (``class_names``: this run's). A key that a checkpoint's config lacks (written
+    before the key existed) counts as its default then. Checkpoints written before the number of processes was
+    recorded are not compared on it.
     """
     old = saved.get("config")
     if not isinstance(old, dict):
@@ -310,15 +396,27 @@ def _check_resumable(
             f"Checkpoint '{path}' was written by {int(saved_world)} process{'es' if int(saved_world) > 1 else ''} "
             f"but this run has {world_size}: resume {how} or use another --out folder."
         )
+    defaults = _defaults_then(old, cfg.method)
     semi_keys = sorted(set(old.get("semi", {})) | set(new.get("semi", {})))
-    for key in (*RESUME_KEYS, *(f"semi.{k}" for k in semi_keys)):
-        section, name = key.split(".")
-        before, after = old.get(section, {}).get(name), new[section].get(name)
-        if before != after:
+    synthetic = new["data"]["format"] == "synthetic"
+    data_keys = tuple(k for k in _DATA_KEYS if not (synthetic and k == "data.root"))
+    for key in (*RESUME_KEYS, *(f"semi.{k}" for k in semi_keys), *data_keys):
+        before, after = _get(old, key), _get(new, key)
+        before = _get(defaults, key) if before is _MISSING else before
+        before, after = (None if v is _MISSING else v for v in (before, after))
+        if not _same(key, before, after):
+            why = "the resumed run would see other samples; " if key.startswith("data.") else ""
             raise CheckpointError(
                 f"Checkpoint '{path}' was written with {key}={json.dumps(before)} but this run has "
-                f"{key}={json.dumps(after)}: {fix}."
+                f"{key}={json.dumps(after)}: {why}{fix}."
             )
+    saved_names = saved.get("class_names")
+    if class_names is not None and saved_names is not None and list(saved_names) != list(class_names):
+        raise CheckpointError(
+            f"Checkpoint '{path}' was trained on the classes {list(saved_names)} but the data has "
+            f"{list(class_names)}: the resumed run would learn other classes; resume with the same data or use "
+            "another --out folder."
+        )
     if saved.get("teacher_sha256") != teacher_sha256:
         raise CheckpointError(
             f"Checkpoint '{path}' was trained with another semi.teacher_checkpoint file than "

@@ -30,6 +30,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, dump_config
-from ..data import build_train_loader, build_val_loader
+from ..data import build_run_loader, build_train_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
 from ..dist import (
     DistEnv,
@@ -58,12 +59,13 @@ from ..optim import build_optimizer, param_groups, set_lr
 from ..utils import upcast
 from ..utils.progress import Progress
 from .accumulation import MicroStepMemory, gradients_finite, seed_micro_step
+from .adapt import choose_threads, local_processes, usable_cores
 from .data import DataBundle, prepare_data, pseudo_label_area_cap
 from .diagnostics import loss_ratio, memory_diversity, pseudo_label_counts, stats_from_counts
 from .evaluate import evaluate
 from .guard import CollapseGuard, CollapseMonitor, TrainingCollapsed, watched_labeled_share
 from .inference import load_teacher
-from .logger import MetricLogger, to_python
+from .logger import METRICS, MetricLogger, drop_records_after, to_python
 from .recipes import RECIPES, StepContext, StepOutput, ema_update, make_ema
 from .state import (
     BEST,
@@ -159,6 +161,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.bundle: DataBundle = prepare_data(cfg, out_dir, rank=env.rank)
         self.cfg = cfg = self.bundle.cfg
+        self._set_threads()
         semi = cfg.method != "supervised"
         epoch_set = self.bundle.unlabeled if semi else self.bundle.labeled
         self.plan = training_plan(cfg, len(epoch_set), env.world_size)
@@ -170,11 +173,10 @@ class Trainer:
             self.model = convert_sync_batchnorm(self.model, env.device)
         self.ema = make_ema(self.model) if cfg.semi.ema else None
         self.teacher, self.teacher_sha256 = self.ema, None
-        if cfg.semi.teacher_checkpoint:
-            assert cfg.data.num_classes is not None
-            teacher, self.teacher_sha256 = load_teacher(cfg.semi.teacher_checkpoint, cfg.data.num_classes, env.device)
+        if cfg.semi.teacher_checkpoint:  # load_teacher logs the checkpoint, its iteration and its mIoU
+            path = cfg.semi.teacher_checkpoint
+            teacher, self.teacher_sha256 = load_teacher(path, self.bundle.class_names, env.device)
             self.teacher = teacher.to(memory_format=torch.channels_last) if cfg.train.channels_last else teacher
-            log.info("teacher: %s, frozen", cfg.semi.teacher_checkpoint)
         groups = param_groups(self.model, cfg.train.lr, cfg.train.lr_multi)
         t = cfg.train
         self.optimizer = build_optimizer(t.optimizer, groups, t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -221,11 +223,13 @@ class Trainer:
         path = Path(resume) if resume else find_resume(self.out_dir)
         if path is None:
             return
-        saved = load_checkpoint(path, map_location=self.env.device)
-        _check_resumable(saved, self.cfg, path, self.env.world_size, self.teacher_sha256)
+        saved = load_checkpoint(path)  # on the CPU: load_state_dict copies onto the run's device
+        _check_resumable(saved, self.cfg, path, self.env.world_size, self.teacher_sha256, self.bundle.class_names)
         self.step, self.best_miou, self.best_step = restore_training_state(
             saved, model=self.model, optimizer=self.optimizer, ema=self.ema, scaler=self.scaler, guard=self.guard
         )
+        if self.env.is_main:  # the records logged after the checkpoint are logged again
+            drop_records_after(self.out_dir / METRICS, self.step)
         log.info("resumed from %s at iteration %d", path, self.step)
 
     def state(self) -> dict[str, Any]:
@@ -245,6 +249,7 @@ class Trainer:
             class_names=self.bundle.class_names,
             palette=self.bundle.palette,
             teacher_sha256=self.teacher_sha256,
+            miou=None if self.last_metrics is None else self.last_metrics.miou,
         )
 
     def save(self, name: str) -> None:
@@ -274,10 +279,55 @@ class Trainer:
         t = self.cfg.train
         it_l = iter(self._loader(self.bundle.labeled, t.batch_size, epoch, start, stream=ROLE_STREAMS["labeled"]))
         it_u = None
-        if self.bundle.unlabeled is not None and self.cfg.method != "supervised":
+        if self._uses_unlabeled():
             stream = ROLE_STREAMS["unlabeled"]
             it_u = iter(self._loader(self.bundle.unlabeled, t.unlabeled_batch_size, epoch, start, stream=stream))
         return it_l, it_u
+
+    def _uses_unlabeled(self) -> bool:
+        return self.bundle.unlabeled is not None and self.cfg.method != "supervised"
+
+    def _run_iterators(self) -> tuple[Any, Any]:
+        """Iterators over the batches of iterations ``self.step .. plan.total - 1``: one loader per stream for the
+        rest of the run, so its workers start once and prefetch across epochs; the batches are those of
+        :meth:`_epoch_iterators` epoch after epoch (see :func:`~allspark_seg.data.build_run_loader`)."""
+        t = self.cfg.train
+
+        def run_iter(dataset: Any, batch_size: int, stream: int) -> Any:
+            loader = build_run_loader(
+                dataset,
+                batch_size,
+                seed=t.seed,
+                start=self.step,
+                stop=self.plan.total,
+                steps=self.plan.steps_per_epoch,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                grad_accum=t.grad_accum,
+                stream=stream,
+                num_workers=self.cfg.data.num_workers,
+                pin_memory=self.env.device.type == "cuda",
+            )
+            return iter(loader)
+
+        it_l = run_iter(self.bundle.labeled, t.batch_size, ROLE_STREAMS["labeled"])
+        it_u = None
+        if self._uses_unlabeled():
+            it_u = run_iter(self.bundle.unlabeled, t.unlabeled_batch_size, ROLE_STREAMS["unlabeled"])
+        return it_l, it_u
+
+    def _set_threads(self) -> None:
+        """Set PyTorch's intra-op threads to the cores left after the loader workers (once, logged; see
+        :func:`~.adapt.choose_threads`): the main process's OpenMP threads must not contend with the workers."""
+        loaders = 2 if self._uses_unlabeled() else 1
+        current = torch.get_num_threads()
+        threads, why = choose_threads(
+            current, usable_cores(), loaders, self.cfg.data.num_workers, local_processes(), os.environ
+        )
+        if threads != current:
+            torch.set_num_threads(threads)
+        if self.env.is_main:
+            log.info("torch threads: %d (%s)", threads, why)
 
     # -- one optimiser step ---------------------------------------------------------------------------------------
     def train_step(self, it_l: Any, it_u: Any) -> StepOutput:
@@ -320,7 +370,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            ema_update(self.ema, self.model, cfg.semi.ema_decay, self.step)
+            ema_update(self.ema, self.model, cfg.semi.ema_decay, self.step, cfg.semi.ema_buffers)
         self.step += 1
         return StepOutput(loss_sum / t.grad_accum, logs, out.pseudo, out.confidence, out.target_u)
 
@@ -449,7 +499,7 @@ class Trainer:
             final = self.validate()
         self.metric_logger.close()
         if env.is_main:
-            self.monitor.log_summary()
+            self.monitor.log_summary(self.guard)
             log.info("final evaluation (iteration %d):\n%s", self.step, final.table(list(self.bundle.class_names)))
             (self.out_dir / "results.json").write_text(json.dumps(self._results(final), indent=2))
         return FitResult(
@@ -470,9 +520,8 @@ class Trainer:
         final: SegMetrics | None = None
         it_l = it_u = None
         while self.step < plan.total:
-            epoch, offset = divmod(self.step, plan.steps_per_epoch)
-            if it_l is None or offset == 0:
-                it_l, it_u = self._epoch_iterators(epoch, offset)
+            if it_l is None:  # one loader per stream for the whole run (its workers start once)
+                it_l, it_u = self._run_iterators()
             out = self.train_step(it_l, it_u)
             for key, value in out.logs.items():
                 sums[key] = sums.get(key, 0) + upcast(value)
@@ -512,7 +561,7 @@ class Trainer:
         """
         if self.env.distributed:
             torch.distributed.barrier()  # best.pt is written by rank 0
-        saved = load_checkpoint(path, map_location=self.env.device)
+        saved = load_checkpoint(path)  # on the CPU: load_state_dict copies onto the run's device
         restore_weights(saved, model=self.model, optimizer=self.optimizer, ema=self.ema)
         self.guard.rolled_back(self.cfg.guard.lr_factor)
         self.pseudo_counts = {}
@@ -558,4 +607,8 @@ def fit(
         AllSparkError: Bad config, data or checkpoint; :class:`TrainingDiverged` on a non-finite loss.
     """
     env = env or init_distributed(cfg.train.device)
-    return Trainer(cfg, Path(out_dir), env, resume).run()
+    threads = torch.get_num_threads()  # training picks its own (Trainer._set_threads); the caller's come back after
+    try:
+        return Trainer(cfg, Path(out_dir), env, resume).run()
+    finally:
+        torch.set_num_threads(threads)

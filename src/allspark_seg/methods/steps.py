@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # annotations only: the config package imports this one
     from ..config.schema import RunConfig, SemiConfig
 
 __all__ = [
+    "EMA_BUFFERS",
     "Batch",
     "Step",
     "StepContext",
@@ -51,6 +52,7 @@ __all__ = [
     "pseudo_labels",
     "reads_memory",
     "self_training_step",
+    "semi_loss",
     "supervised_step",
     "teacher_logits",
     "unsup_loss",
@@ -241,6 +243,24 @@ def unsup_scale(semi: SemiConfig, step: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+def semi_loss(semi: SemiConfig, step: int, loss_x: torch.Tensor, loss_u: torch.Tensor) -> torch.Tensor:
+    """The loss of a semi-supervised step: ``(loss_x + unsup_weight * unsup_scale * loss_u) / 2``.
+
+    Before ``semi.unsup_start`` (labels only) it is ``loss_x``, the step of a supervised run, not half of it;
+    ``loss_u`` stays in the graph with weight 0, so every parameter still gets a gradient (DDP) and a non-finite
+    ``loss_u`` is still caught. From ``unsup_start`` on, the official ``/ 2`` (bit for bit when ``unsup_start`` is 0).
+
+    Args:
+        semi: The run's ``semi`` section.
+        step: The optimiser step being taken.
+        loss_x: Scalar labeled loss.
+        loss_u: Scalar unlabeled loss.
+    """
+    if step < semi.unsup_start:
+        return loss_x + 0.0 * loss_u
+    return (loss_x + semi.unsup_weight * unsup_scale(semi, step) * loss_u) / 2
+
+
 def unsup_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on pseudo-labels, summed over kept pixels and divided by the valid (non-padded) pixels.
 
@@ -267,7 +287,7 @@ def self_training_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None, 
         )
     loss_x = ctx.criterion_l(upcast(logits_l), y_l)
     loss_u = unsup_loss(logits_u, labels, valid)
-    loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2
+    loss = semi_loss(semi, ctx.step, loss_x, loss_u)
     logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
     target_u = batch_u["mask"].to(ctx.device) if "mask" in batch_u else None
     return StepOutput(loss, logs, labels, confidence, target_u)
@@ -351,7 +371,7 @@ def weak_to_strong_step(ctx: StepContext, batch_l: Batch, batch_u: Batch | None,
     loss_x = ctx.criterion_l(upcast(logits_l), y_l)
     strong = torch.stack(losses[1:] if fp else losses).mean()
     loss_u = (strong + losses[0]) / 2 if fp else strong
-    loss = (loss_x + semi.unsup_weight * unsup_scale(semi, ctx.step) * loss_u) / 2
+    loss = semi_loss(semi, ctx.step, loss_x, loss_u)
     logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_s": strong.detach()}
     if fp:
         logs["loss_fp"] = losses[0].detach()
@@ -367,16 +387,48 @@ def make_ema(model: nn.Module) -> nn.Module:
     return ema.eval()
 
 
+#: ``semi.ema_buffers``: what the EMA teacher does with the student's buffers at each update.
+EMA_BUFFERS: tuple[str, ...] = ("copy", "average")
+
+
+def _norm_statistics(model: nn.Module) -> set[str]:
+    """Names of the float running statistics of the normalisation layers (BatchNorm, SyncBatchNorm) of ``model``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            names.update(f"{prefix}.{key}" if prefix else key for key in ("running_mean", "running_var"))
+    return names
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> float:
-    """``ema = d * ema + (1 - d) * model`` with ``d = min(1 - 1 / (step + 1), decay)``; buffers are copied.
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int, buffers: str = "copy") -> float:
+    """``ema = d * ema + (1 - d) * model`` with ``d = min(1 - 1 / (step + 1), decay)`` for the parameters.
 
     The warm-up of ``d`` (as in UniMatch V2 and the mean-teacher literature) lets the teacher follow the student
-    closely in the first steps. Returns the decay used.
+    closely in the first steps. Buffers (``semi.ema_buffers``): ``copy`` takes every buffer from the student (the
+    default); ``average`` averages the BatchNorm running means and variances like the weights (as timm's ``ModelEma``
+    and UniMatch V2 do) and copies the rest: the counters and the Semantic Memory, a queue of features that averaging
+    would blur into maps no image has.
+
+    Args:
+        ema: The teacher, updated in place.
+        model: The unwrapped student.
+        decay: ``semi.ema_decay``.
+        step: The optimiser step just taken.
+        buffers: ``copy`` or ``average``.
+
+    Returns:
+        The decay used.
     """
+    if buffers not in EMA_BUFFERS:
+        raise ValueError(f"buffers={buffers!r}: choose one of {', '.join(EMA_BUFFERS)}")
     d = min(1.0 - 1.0 / (step + 1), decay)
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p.detach(), 1.0 - d)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
+    averaged = _norm_statistics(ema) if buffers == "average" else set()
+    for (name, e), b in zip(ema.named_buffers(), model.buffers(), strict=True):
+        if name in averaged:
+            e.lerp_(b, 1.0 - d)
+        else:
+            e.copy_(b)
     return d
