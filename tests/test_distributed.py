@@ -143,19 +143,27 @@ def assert_same_training(a: Path, b: Path) -> None:
 # global batch's statistics are not known one micro-batch at a time), so these runs freeze it (--frozen-bn).
 
 
-def test_accumulation_equals_processes_with_the_official_rank0_memory(tmp_path, data_root):
+@pytest.mark.parametrize("method", ["allspark", "fixmatch", "unimatch", "allspark+"])
+def test_accumulation_equals_processes_with_the_official_rank0_memory(tmp_path, data_root, method):
     """``memory_sync=rank0``, the memory read from the first step, dropout on: bit-identical to 2 processes.
 
     Every micro-step starts from the memory the step started with (process k starts from rank 0's memory), adds its
     own unlabeled channels and reads them; the step keeps micro-step 0's additions (rank 0's), as DDP's broadcast
-    keeps rank 0's memory.
+    keeps rank 0's memory. The weak-to-strong methods add each micro-step's strong-view augmentations and CutMix
+    boxes, the feature-perturbation dropout (unimatch), per-class thresholds and the EMA teacher (allspark+): each
+    micro-step must draw what its process draws, and the EMA must follow the same weights.
     """
-    common = ("--frozen-bn", "model.allspark.memory_sync=rank0", "semi.warmup_iterations=0")
+    common = (f"method={method}", "--frozen-bn", "model.allspark.memory_sync=rank0", "semi.warmup_iterations=0")
     run(tmp_path / "ddp", data_root, 2, 2, *common)
     run(tmp_path / "accum", data_root, 2, 1, *common, "train.grad_accum=2")
     assert_same_training(tmp_path / "ddp", tmp_path / "accum")
     rows = [json.loads(line) for line in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["memory_read"] for r in rows if r["type"] == "train")
+    train = [r for r in rows if r["type"] == "train"]
+    assert all(r["memory_read"] for r in train) if method.startswith("allspark") else "memory_read" not in train[0]
+    assert all(r["loss_u"] > 0 for r in train)  # the unlabeled loss is trained on (not everything thresholded away)
+    if method == "allspark+":  # the EMA teachers are the same too
+        ema = [torch.load(tmp_path / name / "last.pt", weights_only=True)["ema"] for name in ("ddp", "accum")]
+        assert ema[0].keys() == ema[1].keys() and all(torch.equal(v, ema[1][k]) for k, v in ema[0].items())
 
 
 @pytest.mark.slow
