@@ -154,6 +154,8 @@ def test_accumulation_equals_processes_with_the_official_rank0_memory(tmp_path, 
     micro-step must draw what its process draws, and the EMA must follow the same weights.
     """
     common = (f"method={method}", "--frozen-bn", "model.allspark.memory_sync=rank0", "semi.warmup_iterations=0")
+    if method != "allspark":  # an untrained model is unsure of everything: a threshold of 0.95 would keep nothing
+        common += ("semi.conf_thresh=0.3",)
     run(tmp_path / "ddp", data_root, 2, 2, *common)
     run(tmp_path / "accum", data_root, 2, 1, *common, "train.grad_accum=2")
     assert_same_training(tmp_path / "ddp", tmp_path / "accum")

@@ -78,9 +78,7 @@ class TrainedModel:
         return next(self.model.parameters()).device
 
 
-def load_teacher(
-    path: str | Path, class_names: Sequence[str], device: torch.device
-) -> tuple[AllSparkSegmentor, str]:
+def load_teacher(path: str | Path, class_names: Sequence[str], device: torch.device) -> tuple[AllSparkSegmentor, str]:
     """The frozen teacher of ``semi.teacher_checkpoint``: a finished run's model, in eval mode, without gradients.
 
     Refused: a teacher with another number of classes, or other class names or the same in another order (its
