@@ -11,7 +11,7 @@ endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test demo install lint bench clean
+.PHONY: test quick demo install lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest -q
+
+# The quick loop: everything but the tests marked slow, on two worker processes (one torch thread each).
+quick: install
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 lint: install
 	$(PY) -m ruff check src tests bench
