@@ -189,14 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
         return 2
-    official = None
-    if args.official:
-        from official import check_official_dir
+    from official import official_dir_arg
 
-        problem = check_official_dir(args.official)
-        if problem:
-            parser.error(problem)
-        official = str(Path(args.official).resolve())
+    official = official_dir_arg(parser, args.official)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine(args.threads, official, args.cpu_dry_run)

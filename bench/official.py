@@ -15,6 +15,7 @@ the model's training forward, as under DDP.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import sys
@@ -42,6 +43,16 @@ __all__ = [
 SHIMS = Path(__file__).resolve().parent / "official_shims"
 OFFICIAL_FILES = ("model/model_helper.py", "model/backbone/mit.py", "model/semseg/allspark.py")
 REQUIRED_MODULES = ("einops",)  # imported by the official code and not shimmed: its copies are part of what is timed
+
+
+def official_dir_arg(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    """The resolved ``--official`` folder (None when not given); ``parser.error`` with the reason when unusable."""
+    if not path:
+        return None
+    problem = check_official_dir(path)
+    if problem:
+        parser.error(problem)
+    return str(Path(path).resolve())
 
 
 def check_official_dir(path: str | Path) -> str | None:

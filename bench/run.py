@@ -970,14 +970,9 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "results.md").write_text(report + "\n")
         print(report)
         return 0
-    official = None
-    if args.official:
-        from official import check_official_dir
+    from official import official_dir_arg
 
-        problem = check_official_dir(args.official)
-        if problem:
-            parser.error(problem)
-        official = str(Path(args.official).resolve())
+    official = official_dir_arg(parser, args.official)
     filters = [f.strip() for f in args.only.split(",")]
     tasks = [t for t in plan(args.quick, args.compile, args.full, official) if any(f in t.label for f in filters)]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from allspark_seg.engine.predict import load_trained_model, predict_image  # noq
 from allspark_seg.engine.train import Trainer, fit  # noqa: E402
 from allspark_seg.models import SemanticMemory  # noqa: E402
 from conftest import tiny_model  # noqa: E402
-from train_utils import TINY_MODEL, tiny_config  # noqa: E402
+from train_utils import TINY_MODEL, tiny_config, tiny_data  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 CUDA = torch.cuda.is_available()
@@ -84,13 +84,7 @@ def run_config(data_root: str, device: str, precision: str) -> dict[str, Any]:
     return {
         "method": "allspark",
         "model": dict(TINY_MODEL),
-        "data": {
-            "format": "synthetic",
-            "root": data_root,
-            "crop_size": 48,
-            "num_workers": 0,
-            "synthetic": {"num_labeled": 8, "num_unlabeled": 16, "num_val": 4, "image_size": 96},
-        },
+        "data": tiny_data(data_root),
         "train": {
             "iterations": ITERATIONS,
             "batch_size": 2,

@@ -22,6 +22,7 @@ from allspark_seg.engine.logger import MetricLogger
 from allspark_seg.engine.state import _check_resumable, atomic_save, capture_rng, load_checkpoint, restore_rng
 from allspark_seg.engine.train import Trainer, fit
 from allspark_seg.errors import CheckpointError
+from allspark_seg.utils import atomic as atomic_module
 from train_utils import tiny_config
 
 
@@ -190,7 +191,7 @@ def test_drop_records_after_keeps_the_earlier_lines_byte_for_byte(
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(logger_module.os, "replace", crash)
+        m.setattr(atomic_module.os, "replace", crash)
         with pytest.raises(OSError):
             logger_module.drop_records_after(failing, 2)
     assert failing.read_text() == path.read_text()  # a failed rewrite leaves the file as it was

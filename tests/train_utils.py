@@ -15,6 +15,17 @@ TINY_MODEL = {
 }
 
 
+def tiny_data(data_root: str) -> dict[str, Any]:
+    """The ``data`` section of :func:`tiny_config`: a small synthetic dataset, 96 px images, crop 48."""
+    return {
+        "format": "synthetic",
+        "root": data_root,
+        "crop_size": 48,
+        "num_workers": 0,
+        "synthetic": {"num_labeled": 8, "num_unlabeled": 16, "num_val": 4, "image_size": 96},
+    }
+
+
 def tiny_config(data_root: str, method: str = "allspark", overrides: tuple[str, ...] = (), **train: Any) -> RunConfig:
     """A run on a small synthetic dataset (96 px images, crop 48, so random rescaling never pads)."""
     train_section = {"iterations": 6, "batch_size": 2, "lr": 0.01, "log_every": 1, "checkpoint_every": 100}
@@ -23,13 +34,7 @@ def tiny_config(data_root: str, method: str = "allspark", overrides: tuple[str, 
         {
             "method": method,
             "model": dict(TINY_MODEL),
-            "data": {
-                "format": "synthetic",
-                "root": data_root,
-                "crop_size": 48,
-                "num_workers": 0,
-                "synthetic": {"num_labeled": 8, "num_unlabeled": 16, "num_val": 4, "image_size": 96},
-            },
+            "data": tiny_data(data_root),
             "train": train_section,
         },
         overrides,

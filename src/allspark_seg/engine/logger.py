@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 
 from ..errors import MissingExtraError
 from ..utils import upcast
+from ..utils.atomic import atomic_write
 
 __all__ = ["METRICS", "MetricLogger", "drop_records_after", "to_python"]
 
@@ -116,15 +115,6 @@ def drop_records_after(path: Path, step: int) -> int:
             kept.append(line)
     dropped = len(lines) - len(kept)
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.writelines(kept)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda handle: handle.writelines(kept))
         log.info("%s: dropped %d line(s) logged after iteration %d (logged again on resume)", path, dropped, step)
     return dropped

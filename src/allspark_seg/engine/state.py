@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +38,7 @@ from ..data import steps_per_epoch
 from ..errors import CheckpointError
 from ..methods import get_method
 from ..utils import to_pair
+from ..utils.atomic import atomic_write
 from .guard import CollapseGuard
 
 __all__ = [
@@ -139,19 +138,7 @@ def training_plan(cfg: RunConfig, num_samples: int, world_size: int) -> Training
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
