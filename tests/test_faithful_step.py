@@ -20,7 +20,7 @@ from allspark_seg.interop import to_official_state_dict
 from allspark_seg.losses import build_loss
 from allspark_seg.optim import build_optimizer, param_groups, set_lr
 from conftest import no_dropout
-from train_utils import tiny_config
+from train_utils import epoch_iterators, tiny_config
 
 STEPS = 10
 
@@ -80,7 +80,7 @@ def test_allspark_step_matches_the_official_loop(tmp_path):
 
     batches = []
     for epoch in range(2):
-        it_l, it_u = trainer._epoch_iterators(epoch, 0)
+        it_l, it_u = epoch_iterators(trainer, epoch, 0)
         batches += list(zip(it_l, it_u, strict=True))
     batches = batches[:STEPS]
 

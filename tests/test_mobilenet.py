@@ -35,7 +35,7 @@ from allspark_seg.errors import CheckpointError, ConfigError
 from allspark_seg.interop import read_state_dict
 from allspark_seg.models import CNN_ENCODERS, EfficientNetLite0Encoder, MobileNetV2Encoder, mobilenet
 from allspark_seg.models import efficientnet as effnet
-from train_utils import tiny_config
+from train_utils import epoch_iterators, tiny_config
 
 CHANNELS = {"mobilenet_v2": (24, 32, 96, 320), "efficientnet_lite0": (24, 40, 112, 320)}
 WEIGHTS = {"mobilenet_v2": mobilenet.installed_weights, "efficientnet_lite0": effnet.installed_weights}
@@ -270,7 +270,7 @@ def test_every_recipe_lowers_its_loss_with_mobilenet_v2(tmp_path, data_root, met
     torch.manual_seed(0)
     trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
     assert isinstance(trainer.model.encoder, MobileNetV2Encoder) and trainer.recipe is RECIPES[method]
-    it_l, it_u = trainer._epoch_iterators(0, 0)
+    it_l, it_u = epoch_iterators(trainer, 0, 0)
     batch_l = next(it_l)
     batch_u = next(it_u) if it_u is not None else None
     losses, labeled = [], []

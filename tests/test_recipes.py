@@ -34,7 +34,7 @@ from allspark_seg.engine.recipes import (
 from allspark_seg.engine.train import Trainer
 from allspark_seg.losses import build_loss
 from conftest import no_dropout, tiny_model
-from train_utils import tiny_config
+from train_utils import epoch_iterators, tiny_config
 
 
 # ----------------------------------------------------------------------------------------- hand-computed pieces
@@ -343,7 +343,7 @@ def test_each_recipe_lowers_its_loss_on_a_fixed_batch(tmp_path, data_root, metho
     )
     torch.manual_seed(0)
     trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
-    it_l, it_u = trainer._epoch_iterators(0, 0)
+    it_l, it_u = epoch_iterators(trainer, 0, 0)
     batch_l = next(it_l)
     batch_u = next(it_u) if it_u is not None else None
     assert trainer.recipe is RECIPES[method]
@@ -380,7 +380,7 @@ def test_each_recipe_lowers_its_loss_on_a_fixed_batch(tmp_path, data_root, metho
 def test_labels_only_until_unsup_start_then_the_unlabeled_loss_counts(tmp_path, data_root, method):
     cfg = tiny_config(data_root, method=method, overrides=("semi.unsup_start=1", "semi.conf_thresh=0.0"))
     trainer = Trainer(cfg, tmp_path / "run", DistEnv(), None)
-    it_l, it_u = trainer._epoch_iterators(0, 0)
+    it_l, it_u = epoch_iterators(trainer, 0, 0)
     first, second = trainer.train_step(it_l, it_u), trainer.train_step(it_l, it_u)
     assert float(first.logs["loss_u"]) > 0  # computed and logged, but not trained on
     # Labels only: the full supervised loss (the step a supervised run takes), not the semi recipe's loss_x / 2.
@@ -396,7 +396,7 @@ def test_the_trainer_caps_pseudo_labels_from_crops_of_the_labeled_masks(tmp_path
     masks = [load_mask(item.mask, item.mask_encoding) for item in trainer.bundle.labeled.items]
     expected = 0.5 * largest_crop_share(masks, k, 48)  # crop 48 of the 96 px images
     assert torch.equal(trainer.ctx.area_cap, expected) and bool((expected < 0.5).any())
-    it_l, it_u = trainer._epoch_iterators(0, 0)
+    it_l, it_u = epoch_iterators(trainer, 0, 0)
     batch_l, batch_u = next(it_l), next(it_u)
     labels = teacher_logits(trainer.ctx, trainer.ctx.images(batch_u)).argmax(1)  # the teacher before the step
     valid = ~batch_u["ignore"]

@@ -12,7 +12,7 @@ from torch.utils.data import dataloader
 from allspark_seg.dist import DistEnv
 from allspark_seg.engine import adapt
 from allspark_seg.engine.train import Trainer, fit
-from train_utils import tiny_config
+from train_utils import epoch_iterators, tiny_config
 
 #: 4 labeled images of batch 4: one step per epoch, as with configs/folder.yaml on 4 labeled tiles.
 FEW_LABELS = ("data.synthetic.num_labeled=4", "data.synthetic.num_unlabeled=8", "data.synthetic.num_val=2")
@@ -32,7 +32,7 @@ def per_epoch(trainer: Trainer, start: int, stop: int) -> list[tuple[dict, dict 
     steps, accum = trainer.plan.steps_per_epoch, trainer.cfg.train.grad_accum
     out: list[tuple[dict, dict | None]] = []
     for epoch in range(start // steps, -(-stop // steps)):
-        it_l, it_u = trainer._epoch_iterators(epoch, start % steps if epoch == start // steps else 0)
+        it_l, it_u = epoch_iterators(trainer, epoch, start % steps if epoch == start // steps else 0)
         out += [(b, next(it_u) if it_u is not None else None) for b in it_l]
     return out[: (stop - start) * accum]
 

@@ -18,7 +18,7 @@ from allspark_seg.engine.inference import load_trained_model
 from allspark_seg.engine.logger import MetricLogger
 from allspark_seg.engine.train import Trainer, fit
 from allspark_seg.errors import CheckpointError, ConfigError
-from train_utils import tiny_config
+from train_utils import epoch_iterators, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_the_teacher_is_the_checkpoints_model_frozen(tmp_path, data_root, teache
     assert teacher is not None and teacher is not trainer.model and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     reference = load_trained_model(teacher_path).model
-    it_l, it_u = trainer._epoch_iterators(0, 0)
+    it_l, it_u = epoch_iterators(trainer, 0, 0)
     batch_l, batch_u = next(it_l), next(it_u)
     for _ in range(3):
         out = trainer.train_step(itertools.repeat(batch_l), itertools.repeat(batch_u))

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from allspark_seg.config import RunConfig, load_config
+from allspark_seg.data import build_train_loader
+from allspark_seg.data.transforms import ROLE_STREAMS
+
+if TYPE_CHECKING:
+    from allspark_seg.engine.train import Trainer
 
 TINY_MODEL = {
     "encoder": "mit_b0",
@@ -39,3 +45,29 @@ def tiny_config(data_root: str, method: str = "allspark", overrides: tuple[str, 
         },
         overrides,
     )
+
+
+def epoch_iterators(trainer: Trainer, epoch: int, start: int) -> tuple[Iterator[dict], Iterator[dict] | None]:
+    """The labeled and unlabeled batch iterators of one epoch from ``start`` (the per-epoch loaders, which the
+    trainer's run loaders concatenate); the unlabeled one is None when the trainer's method uses no unlabeled images."""
+    t = trainer.cfg.train
+
+    def one(dataset: Any, batch_size: int, role: str) -> Iterator[dict]:
+        loader = build_train_loader(
+            dataset,
+            batch_size,
+            seed=t.seed,
+            epoch=epoch,
+            rank=trainer.env.rank,
+            world_size=trainer.env.world_size,
+            grad_accum=t.grad_accum,
+            start_step=start,
+            steps=trainer.plan.steps_per_epoch,
+            stream=ROLE_STREAMS[role],
+            num_workers=trainer.cfg.data.num_workers,
+        )
+        return iter(loader)
+
+    it_l = one(trainer.bundle.labeled, t.batch_size, "labeled")
+    it_u = one(trainer.bundle.unlabeled, t.unlabeled_batch_size, "unlabeled") if trainer._uses_unlabeled() else None
+    return it_l, it_u

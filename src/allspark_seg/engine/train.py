@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, dump_config
-from ..data import build_run_loader, build_train_loader, build_val_loader
+from ..data import build_run_loader, build_val_loader
 from ..data.transforms import ROLE_STREAMS
 from ..dist import (
     DistEnv,
@@ -258,39 +258,14 @@ class Trainer:
             atomic_save(self.state(), self.out_dir / name)
 
     # -- data -----------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Any, batch_size: int, epoch: int, start: int, stream: int) -> Any:
-        t = self.cfg.train
-        return build_train_loader(
-            dataset,
-            batch_size,
-            seed=t.seed,
-            epoch=epoch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            grad_accum=t.grad_accum,
-            start_step=start,
-            steps=self.plan.steps_per_epoch,
-            stream=stream,
-            num_workers=self.cfg.data.num_workers,
-            pin_memory=self.env.device.type == "cuda",
-        )
-
-    def _epoch_iterators(self, epoch: int, start: int) -> tuple[Any, Any]:
-        t = self.cfg.train
-        it_l = iter(self._loader(self.bundle.labeled, t.batch_size, epoch, start, stream=ROLE_STREAMS["labeled"]))
-        it_u = None
-        if self._uses_unlabeled():
-            stream = ROLE_STREAMS["unlabeled"]
-            it_u = iter(self._loader(self.bundle.unlabeled, t.unlabeled_batch_size, epoch, start, stream=stream))
-        return it_l, it_u
-
     def _uses_unlabeled(self) -> bool:
         return self.bundle.unlabeled is not None and self.cfg.method != "supervised"
 
     def _run_iterators(self) -> tuple[Any, Any]:
         """Iterators over the batches of iterations ``self.step .. plan.total - 1``: one loader per stream for the
         rest of the run, so its workers start once and prefetch across epochs; the batches are those of
-        :meth:`_epoch_iterators` epoch after epoch (see :func:`~allspark_seg.data.build_run_loader`)."""
+        :func:`~allspark_seg.data.build_train_loader`'s per-epoch loaders, epoch after epoch (see
+        :func:`~allspark_seg.data.build_run_loader`)."""
         t = self.cfg.train
 
         def run_iter(dataset: Any, batch_size: int, stream: int) -> Any:
