@@ -15,6 +15,7 @@ from typing import Any
 from ..data.formats import FORMAT_NAMES
 from ..data.synthetic import SYNTHETIC_KINDS
 from ..data.transforms import PIPELINES
+from ..methods.steps import EMA_BUFFERS
 
 __all__ = [
     "AUTO",
@@ -327,7 +328,7 @@ class SemiConfig:
 
     ema: bool | None = None
     ema_decay: float = _ranged(0.999, FRACTION)
-    ema_buffers: str = _choice("copy", ("copy", "average"))
+    ema_buffers: str = _choice("copy", EMA_BUFFERS)
     conf_thresh: float | None = _ranged(None, UNIT)
     ignore_padding: bool | None = None
     per_image_teacher: bool | None = None

@@ -41,7 +41,7 @@ __all__ = [
     "load_trained_model",
     "predict_image",
     "predict_probabilities",
-    "teacher_run_finished",
+    "why_run_unfinished",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_teacher(path: str | Path, class_names: Sequence[str], device: torch.dev
     """The frozen teacher of ``semi.teacher_checkpoint``: a finished run's model, in eval mode, without gradients.
 
     Refused: a teacher with another number of classes, or other class names or the same in another order (its
-    pseudo-labels would be permuted), and a checkpoint of a run that had not finished (:func:`teacher_run_finished`).
+    pseudo-labels would be permuted), and a checkpoint of a run that had not finished (:func:`why_run_unfinished`).
     Logs the checkpoint used: its path, iteration and validation mIoU.
 
     Args:
@@ -116,7 +116,7 @@ def load_teacher(path: str | Path, class_names: Sequence[str], device: torch.dev
             f"{key}: '{path}' was trained on the classes {list(names)}, this run has {ours} ({how}): its "
             "pseudo-labels would name other classes; train the teacher on this run's classes."
         )
-    unfinished = teacher_run_finished(saved, path)
+    unfinished = why_run_unfinished(saved, path)
     if unfinished:
         raise ConfigError(f"{key}: '{path}' {unfinished}; use the best.pt or last.pt of a finished run.")
     log.info("teacher: %s, frozen: %s", path, _checkpoint_summary(saved))
@@ -137,7 +137,7 @@ def _run_total(saved: dict[str, Any]) -> int | None:
     return None if total is None else int(total)
 
 
-def teacher_run_finished(saved: dict[str, Any], path: Path) -> str | None:
+def why_run_unfinished(saved: dict[str, Any], path: Path) -> str | None:
     """Why the run of a training checkpoint had not finished, or None when it had.
 
     A checkpoint at its run's last iteration (``step >= total``: the ``last.pt`` of a finished run) comes from a
